@@ -1,0 +1,69 @@
+# sdrt: `make engines` builds the artifacts (and a sample image); `make test` runs the tests.
+# Both create the virtual environment on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install before the project. The default is a plain release pin: on a CPU-only
+# CI machine pip takes the CPU wheel that lies on disk; elsewhere PyPI's build for the platform.
+# Override for another build, e.g. TORCH="torch==2.13.0 --index-url <your CPU or CUDA index>".
+TORCH ?= torch==2.13.0
+# The open_clip_torch wheel carries CLIP's BPE vocabulary; only that data file is used (--no-deps).
+OPEN_CLIP ?= open_clip_torch==3.3.0
+
+MODEL ?=
+ifeq ($(strip $(MODEL)),)
+  NAME ?= tiny-sd
+  SOURCE := models/tiny-sd
+else
+  NAME ?= $(notdir $(patsubst %/,%,$(MODEL)))
+  SOURCE := $(MODEL)
+endif
+ARTIFACTS ?= artifacts/$(NAME)
+PROMPT ?= a photograph of an astronaut riding a horse
+STEPS ?= 20
+SEED ?= 0
+
+BIN := $(VENV)/bin
+SDRT := $(BIN)/sdrt
+PYTEST_ARGS ?=
+
+.PHONY: engines generate test test-slow lint clean distclean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[export,dev]"
+	$(BIN)/pip install --quiet --no-deps $(OPEN_CLIP)
+	touch $@
+
+models/tiny-sd: $(VENV)/.installed
+	$(SDRT) tiny-model --out $@
+
+# Export always asks sdrt, which compares content hashes and does nothing when inputs are unchanged;
+# the sample image is remade only when the manifest changed.
+engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd)
+	$(SDRT) export --model $(SOURCE) --out $(ARTIFACTS)
+	@$(MAKE) --no-print-directory $(ARTIFACTS).png
+
+$(ARTIFACTS).png: $(ARTIFACTS)/manifest.json
+	$(SDRT) generate --artifacts $(ARTIFACTS) --prompt "$(PROMPT)" --steps $(STEPS) --seed $(SEED) --out $@
+
+generate: $(VENV)/.installed
+	$(SDRT) generate --artifacts $(ARTIFACTS) --prompt "$(PROMPT)" --steps $(STEPS) --seed $(SEED) --out $(ARTIFACTS).png
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check export runtime benchmarks tests
+
+clean:
+	rm -rf artifacts .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) models

@@ -1,0 +1,203 @@
+"""Build an artifact directory from a diffusers pipeline: ONNX graphs, tokenizer, scheduler, manifest.
+
+The whole directory is built in a temporary sibling and renamed into place only when every file
+exists and every component passed its check against PyTorch. An unchanged re-run (same source
+files, options and tool versions, checked by content hashes) does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.export.atomic import atomic_directory
+from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, source_files
+from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
+from sdrt.export.specs import COMPONENTS, component_specs, sizes
+from sdrt.runtime.errors import ArtifactError, ExportError
+from sdrt.runtime.hashing import sha256_file
+from sdrt.runtime.manifest import Component, FileRecord, Manifest, TokenizerInfo
+
+log = logging.getLogger(__name__)
+
+TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    components: tuple[str, ...] = COMPONENTS
+    verify: bool = True
+    seed: int = 0  # for verification inputs
+
+    def __post_init__(self):
+        unknown = [c for c in self.components if c not in COMPONENTS]
+        if unknown:
+            raise ExportError(f"components: expected names from {', '.join(COMPONENTS)}, got {unknown}")
+        for needed in ("text_encoder", "unet", "vae_decoder"):
+            if needed not in self.components:
+                raise ExportError(f"components: text-to-image needs {needed!r}; got {list(self.components)}")
+        if self.opset < 17:
+            raise ExportError(f"opset: expected 17 or newer, got {self.opset}")
+
+
+@dataclass
+class ExportReport:
+    manifest: Manifest
+    built: bool  # False when the artifacts were already up to date
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for tool in TOOLS:
+        try:
+            versions[tool] = metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            versions[tool] = "not installed"
+    return versions
+
+
+def input_fingerprint(source: Path, options: ExportOptions) -> str:
+    """sha256 over every source file's content hash, the export options and the tool versions."""
+    h = hashlib.sha256()
+    for path in source_files(source):
+        h.update(f"{path.relative_to(source).as_posix()}\0{sha256_file(path)}\n".encode())
+    h.update(json.dumps({"options": options.__dict__, "versions": tool_versions()}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def up_to_date(out_dir: Path, fingerprint: str) -> Manifest | None:
+    """The existing manifest when it was built from the same inputs and its files are intact."""
+    try:
+        manifest = Manifest.load(out_dir, verify_hashes=True)
+    except ArtifactError as e:
+        if (out_dir / "manifest.json").exists():
+            log.info("existing artifacts in %s are not usable (%s): rebuilding", out_dir, e)
+        return None
+    if manifest.build.get("input_fingerprint") != fingerprint:
+        log.info("inputs changed since %s was built: rebuilding", out_dir)
+        return None
+    return manifest
+
+
+def export_pipeline(
+    model: str, out_dir: Path, options: ExportOptions = ExportOptions(), revision: str | None = None, force: bool = False
+) -> ExportReport:
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    source = resolve_source(model, revision)
+    fingerprint = input_fingerprint(source, options)
+    if not force:
+        existing = up_to_date(out_dir, fingerprint)
+        if existing is not None:
+            log.info("%s is up to date (same source files, options and tool versions): nothing to do (--force rebuilds)", out_dir)
+            return ExportReport(existing, built=False)
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log.info("loading %s", source)
+    pipe = load_pipeline(source)
+    seconds["load"] = time.perf_counter() - t0
+    with atomic_directory(out_dir) as tmp:
+        components = {}
+        for i, name in enumerate(options.components, 1):
+            t0 = time.perf_counter()
+            log.info("[%d/%d] %s: exporting to ONNX (opset %d)", i, len(options.components), name, options.opset)
+            components[name] = _export_component(pipe, name, tmp, options)
+            seconds[name] = time.perf_counter() - t0
+            check = components[name].verification
+            log.info(
+                "[%d/%d] %s: done in %.1f s, %.1f MB, max abs error vs PyTorch %s",
+                i,
+                len(options.components),
+                name,
+                seconds[name],
+                sum(f.bytes for f in components[name].files) / 1e6,
+                f"{check['max_abs_error']:.2e}" if check else "not checked",
+            )
+        tokenizer = _write_tokenizer(pipe, tmp)
+        (tmp / "scheduler").mkdir()
+        shutil.copyfile(source / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        manifest = _manifest(pipe, model, revision, components, tokenizer, options, fingerprint, seconds)
+        manifest.build["seconds"]["total"] = time.perf_counter() - started
+        manifest.save(tmp)
+    log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - started)
+    return ExportReport(manifest, built=True, seconds=seconds)
+
+
+def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: ExportOptions) -> Component:
+    dims = pipe.dims
+    spec = component_specs(dims)[name]
+    module = pipe.module(name)
+    rng = np.random.default_rng(options.seed)
+    m = dims.latent_multiple
+    # Distinct sizes for every symbolic dimension, so the exporter cannot mistake one for another.
+    trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng)
+    path = root / "onnx" / f"{name}.onnx"
+    files = export_onnx(spec, module, trace, path, options.opset)
+    verification = {}
+    if options.verify:
+        other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng)
+        verification = verify_onnx(spec, module, path, [trace, other])
+    return Component(
+        name=name,
+        files=[FileRecord.of(root, f) for f in files],
+        opset=options.opset,
+        precision="fp32",
+        inputs=list(spec.inputs),
+        outputs=list(spec.outputs),
+        verification=verification,
+    )
+
+
+def _write_tokenizer(pipe: LoadedPipeline, root: Path) -> TokenizerInfo:
+    """Whatever layout the source used (vocab.json + merges.txt, or tokenizer.json), write the
+    ``tokenizers`` file the runtime loads."""
+    out = root / "tokenizer"
+    out.mkdir()
+    pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    if pipe.tokenizer.pad_token_id is None:
+        raise ExportError("tokenizer: expected a pad token (SD 1.x pads with <|endoftext|>, SD 2.x with '!'), got none")
+    return TokenizerInfo(
+        path="tokenizer",
+        max_length=pipe.dims.text_length,
+        pad_token_id=int(pipe.tokenizer.pad_token_id),
+        files=[FileRecord.of(root, out / "tokenizer.json")],
+    )
+
+
+def _manifest(pipe, model, revision, components, tokenizer, options, fingerprint, seconds) -> Manifest:
+    dims = pipe.dims
+    sample_size = int(pipe.unet.config.sample_size)
+    return Manifest(
+        sdrt_version=tool_versions()["sdrt"],
+        source={"model": model, "revision": revision, "path": str(pipe.source)},
+        family=pipe.family,
+        prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=dims.vae_scale_factor,
+        latent_channels=dims.latent_channels,
+        text_length=tokenizer.max_length,
+        spatial_multiple=dims.spatial_multiple,
+        default_height=sample_size * dims.vae_scale_factor,
+        default_width=sample_size * dims.vae_scale_factor,
+        tokenizers={"tokenizer": tokenizer},
+        scheduler_config="scheduler/scheduler_config.json",
+        components=components,
+        build={
+            "input_fingerprint": fingerprint,
+            "versions": tool_versions(),
+            "options": {**options.__dict__, "components": list(options.components)},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": dict(seconds),
+        },
+    )

@@ -1,0 +1,74 @@
+"""``sdrt export`` and ``sdrt tiny-model``. Heavy imports happen inside the handlers, so that
+``sdrt --help`` stays fast and a missing ``[export]`` extra is reported as such."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdrt.export.specs import COMPONENTS
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a diffusers pipeline to an ONNX artifact directory",
+        description=(
+            "Export a diffusers Stable Diffusion pipeline (local folder or hub id) to ONNX with dynamic batch, "
+            "height and width; check every graph against PyTorch; write manifest.json. An unchanged re-run "
+            "does nothing."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="diffusers pipeline folder, or hub id such as org/name")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for a hub id")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
+    p.add_argument(
+        "--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS, help="components to export"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
+    p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sdrt.export.build import ExportOptions, export_pipeline
+
+    options = ExportOptions(opset=args.opset, components=tuple(args.components), verify=not args.no_verify)
+    report = export_pipeline(args.model, args.out, options, revision=args.revision, force=args.force)
+    m = report.manifest
+    if report.built:
+        for c in m.components.values():
+            err = c.verification.get("max_abs_error")
+            print(f"{c.name:13s} {c.path:28s} {sum(f.bytes for f in c.files) / 1e6:8.1f} MB  max abs error "
+                  f"{'n/a' if err is None else f'{err:.2e}'}")
+        print(f"exported {m.family} model to {args.out} in {m.build['seconds']['total']:.1f} s")
+    return 0
+
+
+def register_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tiny-model",
+        help="build the embedded tiny random-weight SD 1.x pipeline folder",
+        description=(
+            "Write a small random-weight Stable Diffusion 1.x pipeline (diffusers folder) built locally from "
+            "configs with a fixed seed, with CLIP's real BPE tokenizer taken from the open_clip_torch package."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
+    p.set_defaults(func=_tiny)
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from sdrt.export.tiny import is_current, write_tiny_model
+
+    if is_current(args.out, args.seed) and not args.force:
+        print(f"{args.out} is up to date (same recipe and seed): nothing to do (use --force to rebuild)")
+        return 0
+    write_tiny_model(args.out, seed=args.seed)
+    print(f"wrote tiny SD 1.x pipeline to {args.out}")
+    return 0

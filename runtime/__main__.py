@@ -1,0 +1,5 @@
+import sys
+
+from sdrt.runtime.cli import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""Text-to-image on exported graphs: tokenizer -> text encoder -> denoising loop -> VAE decoder.
+
+Mirrors diffusers' ``StableDiffusionPipeline.__call__`` (same arguments, same arithmetic, same
+batch layout: unconditional rows first), with NumPy arrays between components.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.runtime import schedulers
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.images import to_uint8
+from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.session import Session, open_session
+from sdrt.runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (batch, height, width, 3) uint8
+    seed: int | None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; "unet_steps" per step
+
+    def to_pil(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(image) for image in self.images]
+
+    def save(self, path: Path) -> list[Path]:
+        """Save as PNG: ``path`` itself for one image, ``stem-0.png``, ``stem-1.png``, ... for several."""
+        path = Path(path)
+        if len(self.images) == 1:
+            paths = [path]
+        else:
+            paths = [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(self.images))]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for image, p in zip(self.to_pil(), paths):
+            image.save(p)
+        return paths
+
+
+class Pipeline:
+    def __init__(self, root: Path, manifest: Manifest, sessions: dict[str, Session], backend: str, scheduler: str | None):
+        self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
+        info = manifest.tokenizers["tokenizer"]
+        self.tokenizer = ClipTokenizer(root / info.path / "tokenizer.json", info.max_length, info.pad_token_id)
+        self.scheduler_config = schedulers.read_config(root / manifest.scheduler_config)
+        self.scheduler = schedulers.from_config(self.scheduler_config, scheduler)
+
+    @classmethod
+    def load(
+        cls,
+        artifacts: str | Path,
+        backend: str = "onnxruntime",
+        scheduler: str | None = None,
+        verify_hashes: bool = True,
+        threads: int = 0,
+    ) -> Pipeline:
+        """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first)."""
+        root = Path(artifacts)
+        manifest = Manifest.load(root, verify_hashes=verify_hashes)
+        wanted = ("text_encoder", "unet", "vae_decoder")
+        sessions = {name: open_session(root, manifest.components[name], backend, threads) for name in wanted}
+        return cls(root, manifest, sessions, backend, scheduler)
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- stages -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)
+        return self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> float images in [0, 1], NHWC."""
+        scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
+        image = self.sessions["vae_decoder"].run({"latent": scaled})["image"]
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        m = self.manifest
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % m.spatial_multiple:
+                raise InputError(
+                    f"{name}: expected a positive multiple of {m.spatial_multiple} pixels for this model, got {value}"
+                )
+        return batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor
+
+    # -- the call ----------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        eta: float = 0.0,
+        scheduler: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> GenerationResult:
+        t_start = time.perf_counter()
+        timings: dict = {}
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
+        negatives = _negative_prompts(negative_prompt, len(prompts))
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt: expected >= 1, got {num_images_per_prompt}")
+        height = height or self.manifest.default_height
+        width = width or self.manifest.default_width
+        batch = len(prompts) * num_images_per_prompt
+        shape = self.latent_shape(batch, height, width)
+        sched = self.scheduler if scheduler is None else schedulers.from_config(self.scheduler_config, scheduler)
+        run = sched.start(num_inference_steps, eta=eta)
+        guided = guidance_scale > 1.0
+
+        rng_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+        rng = np.random.default_rng(rng_seed)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            latents = np.asarray(latents)
+            if latents.shape != shape or latents.dtype != np.float32:
+                raise InputError(f"latents: expected float32 array of shape {shape}, got {latents.dtype} {latents.shape}")
+            rng_seed = seed
+        latents = latents * np.float32(run.init_noise_sigma)
+
+        t0 = time.perf_counter()
+        texts = prompts + negatives if guided else prompts
+        embeds = self.encode_prompt(texts)
+        # diffusers repeats each prompt's row num_images_per_prompt times, consecutively.
+        embeds = np.repeat(embeds, num_images_per_prompt, axis=0)
+        if guided:
+            cond, uncond = np.split(embeds, 2)
+            embeds = np.concatenate([uncond, cond])
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        unet, step_times, sched_time = self.sessions["unet"], [], 0.0
+        for i, t in enumerate(run.timesteps):
+            t0 = time.perf_counter()
+            model_input = np.concatenate([latents, latents]) if guided else latents
+            model_input = run.scale_model_input(model_input, i)
+            timestep = np.full((model_input.shape[0],), t, dtype=np.float32)
+            t1 = time.perf_counter()
+            noise_pred = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": embeds})[
+                "out_sample"
+            ]
+            t2 = time.perf_counter()
+            if guided:
+                uncond_pred, text_pred = np.split(noise_pred, 2)
+                noise_pred = uncond_pred + np.float32(guidance_scale) * (text_pred - uncond_pred)
+            latents = run.step(noise_pred, i, latents, noise=lambda s: rng.standard_normal(s, dtype=np.float32))
+            t3 = time.perf_counter()
+            step_times.append(t3 - t0)
+            sched_time += (t1 - t0) + (t3 - t2)
+            if callback is not None:
+                callback(i + 1, len(run.timesteps))
+        timings["unet_steps"] = step_times
+        timings["denoise"] = sum(step_times)
+        timings["scheduler_and_guidance"] = sched_time
+
+        t0 = time.perf_counter()
+        images = to_uint8(self.decode(latents))
+        timings["vae_decoder"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        return GenerationResult(images=images, seed=rng_seed, timings=timings)
+
+
+def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) == 1 and n > 1:
+        negatives = negatives * n
+    if len(negatives) != n:
+        raise InputError(f"negative_prompt: expected 1 or {n} strings (one per prompt), got {len(negatives)}")
+    return negatives

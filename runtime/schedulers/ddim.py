@@ -1,0 +1,89 @@
+"""DDIM (Song et al. 2020), step for step as diffusers' ``DDIMScheduler``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdrt.runtime.schedulers.common import check_prediction_type, discrete_timesteps, make_betas
+
+DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "clip_sample": True,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+}
+
+
+class DDIMScheduler:
+    """Immutable: built once from a config; each generation gets its own :class:`DDIMRun`."""
+
+    name = "DDIMScheduler"
+    defaults = DEFAULTS
+
+    def __init__(self, config: dict):
+        self.config = {**DEFAULTS, **config}
+        self.prediction_type = check_prediction_type(self.config)
+        self.alphas_cumprod = np.cumprod(1.0 - make_betas(self.config), dtype=np.float32)
+        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+
+    def start(self, num_inference_steps: int, eta: float = 0.0) -> DDIMRun:
+        return DDIMRun(self, discrete_timesteps(self.config, num_inference_steps), eta)
+
+
+@dataclass
+class DDIMRun:
+    scheduler: DDIMScheduler
+    timesteps: np.ndarray
+    eta: float = 0.0
+    init_noise_sigma: float = 1.0
+
+    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
+        return sample
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise=None) -> np.ndarray:
+        s, cfg = self.scheduler, self.scheduler.config
+        t = int(self.timesteps[index])
+        prev_t = t - cfg["num_train_timesteps"] // len(self.timesteps)
+        a_t = s.alphas_cumprod[t]
+        a_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
+        b_t = np.float32(1) - a_t
+        if s.prediction_type == "epsilon":
+            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+            eps = model_output
+        elif s.prediction_type == "sample":
+            x0 = model_output
+            eps = (sample - a_t**0.5 * x0) / b_t**0.5
+        else:  # v_prediction
+            x0 = a_t**0.5 * sample - b_t**0.5 * model_output
+            eps = a_t**0.5 * model_output + b_t**0.5 * sample
+        if cfg["thresholding"]:
+            x0 = _dynamic_threshold(x0, cfg)
+        elif cfg["clip_sample"]:
+            x0 = np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+        variance = (np.float32(1) - a_prev) / b_t * (np.float32(1) - a_t / a_prev)
+        std = np.float32(self.eta) * variance**0.5
+        prev = a_prev**0.5 * x0 + (np.float32(1) - a_prev - std**2) ** 0.5 * eps
+        if self.eta > 0:
+            prev = prev + std * noise(sample.shape)
+        return prev.astype(np.float32, copy=False)
+
+
+def _dynamic_threshold(x0: np.ndarray, cfg: dict) -> np.ndarray:
+    """Imagen's dynamic thresholding, per sample, as diffusers implements it."""
+    flat = np.abs(x0.reshape(x0.shape[0], -1))
+    q = np.quantile(flat, cfg["dynamic_thresholding_ratio"], axis=1)
+    q = np.clip(q, 1, cfg["sample_max_value"]).reshape(-1, *([1] * (x0.ndim - 1)))
+    return np.clip(x0, -q, q) / q

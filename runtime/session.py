@@ -1,0 +1,109 @@
+"""Backend sessions: one small contract, inputs checked against the manifest before every run.
+
+A session is ``run(feed: dict[str, ndarray]) -> dict[str, ndarray]`` plus ``close()``. Backend
+libraries are imported inside the functions that need them, so importing ``sdrt.runtime`` costs
+only NumPy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from sdrt.runtime.errors import ArtifactError, BackendError, InputError
+from sdrt.runtime.manifest import Component, TensorSpec
+
+log = logging.getLogger(__name__)
+
+ORT_PROVIDERS = {
+    "onnxruntime": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+BACKENDS = (*ORT_PROVIDERS, "tensorrt")
+
+
+class Session(Protocol):
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def check_feed(component: str, specs: list[TensorSpec], feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Check names, dtypes and shapes of ``feed``; return the size bound to each symbolic dimension."""
+    expected = [s.name for s in specs]
+    if sorted(feed) != sorted(expected):
+        raise InputError(f"{component}: expected inputs {expected}, got {sorted(feed)}")
+    bound: dict[str, int] = {}
+    for spec in specs:
+        value = feed[spec.name]
+        if value.dtype != np.dtype(spec.dtype):
+            raise InputError(f"{component} input {spec.name!r}: expected dtype {spec.dtype}, got {value.dtype}")
+        ok = len(value.shape) == len(spec.shape)
+        for dim, size in zip(spec.shape, value.shape):
+            if isinstance(dim, int):
+                ok = ok and dim == size
+            else:
+                ok = ok and bound.setdefault(dim, size) == size and size > 0
+        if not ok:
+            raise InputError(
+                f"{component} input {spec.name!r}: expected shape ({', '.join(map(str, spec.shape))}), "
+                f"got {tuple(value.shape)} (bound so far: {bound})"
+            )
+    return bound
+
+
+class OrtSession:
+    """An onnxruntime ``InferenceSession`` on the providers a backend name selects."""
+
+    def __init__(self, root: Path, component: Component, backend: str = "onnxruntime", threads: int = 0):
+        import onnxruntime as ort
+
+        self.name = component.name
+        self.inputs, self.outputs = component.inputs, component.outputs
+        providers = ORT_PROVIDERS[backend]
+        missing = [p for p in providers[:-1] if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendError(
+                f"backend {backend!r}: expected onnxruntime providers {providers}, this onnxruntime "
+                f"({ort.__version__}) has {ort.get_available_providers()} (install onnxruntime-gpu, "
+                "or use backend='onnxruntime' for the CPU)"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        path = Path(root) / component.path
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        graph_inputs = sorted(i.name for i in self._session.get_inputs())
+        if graph_inputs != sorted(s.name for s in self.inputs):
+            raise ArtifactError(
+                f"{path}: expected graph inputs {sorted(s.name for s in self.inputs)} per the manifest, "
+                f"got {graph_inputs} (re-run the export)"
+            )
+        self._output_names = [o.name for o in self.outputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feed(self.name, self.inputs, feed)
+        return dict(zip(self._output_names, self._session.run(self._output_names, feed)))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def open_session(root: Path, component: Component, backend: str, threads: int = 0) -> Session:
+    if backend in ORT_PROVIDERS:
+        return OrtSession(root, component, backend, threads)
+    if backend == "tensorrt":
+        raise BackendError(
+            "backend 'tensorrt': the native TensorRT backend is not available in this build of sdrt "
+            "(use backend='onnxruntime', or 'onnxruntime-tensorrt' with onnxruntime-gpu on an NVIDIA GPU)"
+        )
+    raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
