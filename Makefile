@@ -54,6 +54,7 @@ generate: $(VENV)/.installed
 	$(SDRT) generate --artifacts $(ARTIFACTS) --prompt "$(PROMPT)" --steps $(STEPS) --seed $(SEED) --out $(ARTIFACTS).png
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check export runtime benchmarks tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed

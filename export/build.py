@@ -90,7 +90,11 @@ def up_to_date(out_dir: Path, fingerprint: str) -> Manifest | None:
 
 
 def export_pipeline(
-    model: str, out_dir: Path, options: ExportOptions = ExportOptions(), revision: str | None = None, force: bool = False
+    model: str,
+    out_dir: Path,
+    options: ExportOptions = ExportOptions(),
+    revision: str | None = None,
+    force: bool = False,
 ) -> ExportReport:
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -99,7 +103,10 @@ def export_pipeline(
     if not force:
         existing = up_to_date(out_dir, fingerprint)
         if existing is not None:
-            log.info("%s is up to date (same source files, options and tool versions): nothing to do (--force rebuilds)", out_dir)
+            log.info(
+                "%s is up to date (same source files, options and tool versions): nothing to do (--force rebuilds)",
+                out_dir,
+            )
             return ExportReport(existing, built=False)
 
     seconds: dict[str, float] = {}

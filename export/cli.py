@@ -24,9 +24,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for a hub id")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
-    p.add_argument(
-        "--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS, help="components to export"
-    )
+    p.add_argument("--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS, help="components to export")
     p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
     p.set_defaults(func=_export)
@@ -41,8 +39,10 @@ def _export(args: argparse.Namespace) -> int:
     if report.built:
         for c in m.components.values():
             err = c.verification.get("max_abs_error")
-            print(f"{c.name:13s} {c.path:28s} {sum(f.bytes for f in c.files) / 1e6:8.1f} MB  max abs error "
-                  f"{'n/a' if err is None else f'{err:.2e}'}")
+            print(
+                f"{c.name:13s} {c.path:28s} {sum(f.bytes for f in c.files) / 1e6:8.1f} MB  max abs error "
+                f"{'n/a' if err is None else f'{err:.2e}'}"
+            )
         print(f"exported {m.family} model to {args.out} in {m.build['seconds']['total']:.1f} s")
     return 0
 

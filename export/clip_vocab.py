@@ -24,9 +24,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table (CLIP uses the same)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = printable[:]
     extra = 0

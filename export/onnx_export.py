@@ -71,7 +71,9 @@ def name_symbolic_dims(model: onnx.ModelProto, spec: ComponentSpec) -> None:
     declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
     for value in (*model.graph.input, *model.graph.output):
         if value.name not in declared:
-            raise ExportError(f"{spec.name}: exported graph has tensor {value.name!r}, expected one of {list(declared)}")
+            raise ExportError(
+                f"{spec.name}: exported graph has tensor {value.name!r}, expected one of {list(declared)}"
+            )
         dims = value.type.tensor_type.shape.dim
         want = declared[value.name].shape
         if len(dims) != len(want):
@@ -108,7 +110,9 @@ def verify_onnx(
         for t, got, want in zip(spec.outputs, outs, ref):
             want = want.numpy()
             if got.shape != want.shape:
-                raise ExportError(f"{spec.name} {t.name}: expected shape {want.shape} from PyTorch, ONNX gave {got.shape}")
+                raise ExportError(
+                    f"{spec.name} {t.name}: expected shape {want.shape} from PyTorch, ONNX gave {got.shape}"
+                )
             err = np.abs(got.astype(np.float64) - want.astype(np.float64))
             scale = max(1.0, float(np.abs(want).max()))
             checks.append(

@@ -51,7 +51,9 @@ def _generate(args: argparse.Namespace) -> int:
     from sdrt.runtime.progress import StepProgress
 
     t0 = time.perf_counter()
-    with Pipeline.load(args.artifacts, backend=args.backend, verify_hashes=not args.no_verify, threads=args.threads) as pipe:
+    with Pipeline.load(
+        args.artifacts, backend=args.backend, verify_hashes=not args.no_verify, threads=args.threads
+    ) as pipe:
         load_s = time.perf_counter() - t0
         result = pipe(
             prompt=args.prompt if len(args.prompt) > 1 else args.prompt[0],

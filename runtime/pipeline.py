@@ -51,7 +51,9 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, root: Path, manifest: Manifest, sessions: dict[str, Session], backend: str, scheduler: str | None):
+    def __init__(
+        self, root: Path, manifest: Manifest, sessions: dict[str, Session], backend: str, scheduler: str | None
+    ):
         self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
         info = manifest.tokenizers["tokenizer"]
         self.tokenizer = ClipTokenizer(root / info.path / "tokenizer.json", info.max_length, info.pad_token_id)
@@ -143,7 +145,9 @@ class Pipeline:
         else:
             latents = np.asarray(latents)
             if latents.shape != shape or latents.dtype != np.float32:
-                raise InputError(f"latents: expected float32 array of shape {shape}, got {latents.dtype} {latents.shape}")
+                raise InputError(
+                    f"latents: expected float32 array of shape {shape}, got {latents.dtype} {latents.shape}"
+                )
             rng_seed = seed
         latents = latents * np.float32(run.init_noise_sigma)
 

@@ -18,9 +18,29 @@ BLOCK = (
 def test_generate_without_torch(tiny_artifacts, tmp_path):
     out = tmp_path / "cat.png"
     proc = subprocess.run(
-        [sys.executable, "-c", BLOCK, "generate", "--artifacts", str(tiny_artifacts), "--prompt", "a cat",
-         "--steps", "3", "--height", "64", "--width", "96", "--seed", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            BLOCK,
+            "generate",
+            "--artifacts",
+            str(tiny_artifacts),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "3",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     from PIL import Image

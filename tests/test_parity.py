@@ -24,8 +24,9 @@ def test_image_matches_diffusers(runtime_pipeline, diffusers_pipeline, rng, prom
     batch = 1 if isinstance(prompt, str) else len(prompt)
     latents = rng.standard_normal((batch, 4, height // 8, width // 8), dtype=np.float32)
     negative = "blurry, low quality" if batch == 1 else ["blurry", "ugly, deformed"]
-    args = dict(prompt=prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=4,
-                guidance_scale=7.5)
+    args = dict(
+        prompt=prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=4, guidance_scale=7.5
+    )
     ours = runtime_pipeline(latents=latents, **args).images
     ref = diffusers_images(diffusers_pipeline, latents, **args)
     assert ours.shape == ref.shape == (batch, height, width, 3)
@@ -37,8 +38,14 @@ def test_image_matches_diffusers(runtime_pipeline, diffusers_pipeline, rng, prom
 def test_images_per_prompt_and_no_guidance_match_diffusers(runtime_pipeline, diffusers_pipeline, rng):
     latents = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
     for guidance in (1.0, 5.0):
-        args = dict(prompt="a castle", height=64, width=64, num_inference_steps=3, guidance_scale=guidance,
-                    num_images_per_prompt=2)
+        args = dict(
+            prompt="a castle",
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            num_images_per_prompt=2,
+        )
         ours = runtime_pipeline(latents=latents, **args).images
         ref = diffusers_images(diffusers_pipeline, latents, **args)
         assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1

@@ -1,0 +1,128 @@
+"""Export of the tiny model: manifest contents, verification figures, no-op re-runs, atomicity, tamper checks."""
+
+import json
+import time
+
+import onnx
+import pytest
+
+from sdrt.export import build
+from sdrt.export.build import ExportOptions, export_pipeline
+from sdrt.runtime import ArtifactError, ExportError, Manifest, Pipeline
+from sdrt.runtime.manifest import SCHEMA_VERSION
+
+# Max abs error of an fp32 ONNX graph against PyTorch on the tiny model. Measured ~1e-5 at worst
+# (VAE decoder); 1e-4 leaves headroom for onnxruntime versions without hiding a wrong graph.
+FP32_MAX_ABS_ERROR = 1e-4
+
+
+def test_manifest_describes_the_artifacts(tiny_artifacts):
+    m = Manifest.load(tiny_artifacts)
+    assert m.schema_version == SCHEMA_VERSION
+    assert m.family == "sd1" and m.prediction_type == "epsilon"
+    assert (m.vae_scale_factor, m.latent_channels, m.text_length) == (8, 4, 77)
+    assert m.spatial_multiple == 16 and m.default_height == 256
+    assert m.vae_scaling_factor == pytest.approx(0.18215)
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert json.loads((tiny_artifacts / m.scheduler_config).read_text())["_class_name"] == "DDIMScheduler"
+    for name in ("torch", "diffusers", "onnx", "sdrt"):
+        assert m.build["versions"][name] != "not installed"
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_each_component_was_verified_against_pytorch(tiny_artifacts, name):
+    c = Manifest.load(tiny_artifacts).components[name]
+    v = c.verification
+    assert v["passed"] and v["max_abs_error"] < FP32_MAX_ABS_ERROR
+    assert len({json.dumps(check["input_shapes"]) for check in v["checks"]}) == 2  # two shapes in the range
+    assert c.opset >= 17 and c.precision == "fp32"
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_graph_io_has_the_declared_dynamic_dims(tiny_artifacts, name):
+    c = Manifest.load(tiny_artifacts).components[name]
+    graph = onnx.load(tiny_artifacts / c.path, load_external_data=False).graph
+    declared = {t.name: t.shape for t in (*c.inputs, *c.outputs)}
+    for value in (*graph.input, *graph.output):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert dims == declared[value.name]
+    assert "batch" in c.inputs[0].shape
+
+
+def test_unchanged_rerun_does_no_work(tiny_model, tiny_artifacts):
+    before = {p: p.stat().st_mtime_ns for p in tiny_artifacts.rglob("*")}
+    t0 = time.perf_counter()
+    report = export_pipeline(str(tiny_model), tiny_artifacts)
+    assert not report.built
+    assert {p: p.stat().st_mtime_ns for p in tiny_artifacts.rglob("*")} == before
+    assert time.perf_counter() - t0 < 10
+
+
+def test_tampered_onnx_is_refused_with_both_hashes(tiny_artifacts, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifacts, copy)
+    unet = copy / "onnx" / "unet.onnx"
+    data = bytearray(unet.read_bytes())
+    data[-10] ^= 0xFF  # same size, different content
+    unet.write_bytes(bytes(data))
+    expected = Manifest.load(tiny_artifacts).components["unet"].files[0].sha256
+    with pytest.raises(ArtifactError, match=f"expected sha256 {expected}.*got [0-9a-f]{{64}}"):
+        Pipeline.load(copy)
+    unet.write_bytes(bytes(data[:-1]))
+    with pytest.raises(ArtifactError, match="bytes per the manifest"):
+        Manifest.load(copy)
+
+
+def test_other_schema_version_is_refused(tiny_artifacts, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifacts, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 999
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"expected schema_version {SCHEMA_VERSION}, got 999"):
+        Manifest.load(copy)
+    with pytest.raises(ArtifactError, match="found no manifest"):
+        Manifest.load(tmp_path / "nowhere")
+
+
+def test_interrupted_build_leaves_nothing(tiny_model, tiny_artifacts, tmp_path, monkeypatch):
+    real = build._export_component
+    calls = []
+
+    def export_then_fail(pipe, name, root, options):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second component
+        return real(pipe, name, root, options)
+
+    monkeypatch.setattr(build, "_export_component", export_then_fail)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        export_pipeline(str(tiny_model), fresh, ExportOptions(verify=False))
+    assert not fresh.exists()
+    assert list(tmp_path.iterdir()) == []  # no partial directory left beside it
+
+    # over existing artifacts: --force that fails keeps the old, complete directory untouched
+    before = {p.relative_to(tiny_artifacts): p.read_bytes() for p in tiny_artifacts.rglob("*") if p.is_file()}
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export_pipeline(str(tiny_model), tiny_artifacts, force=True)
+    after = {p.relative_to(tiny_artifacts): p.read_bytes() for p in tiny_artifacts.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tiny_artifacts.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, tiny_model):
+    with pytest.raises(ExportError, match="expected a diffusers folder or a hub id"):
+        export_pipeline(str(tmp_path / "no" / "such" / "dir"), tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="model_index.json"):
+        export_pipeline(str(tmp_path / "empty"), tmp_path / "out")
+    with pytest.raises(ExportError, match="expected 17 or newer, got 13"):
+        ExportOptions(opset=13)
+    with pytest.raises(ExportError, match="needs 'unet'"):
+        ExportOptions(components=("text_encoder", "vae_decoder"))
