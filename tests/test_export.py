@@ -126,3 +126,23 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model):
         ExportOptions(opset=13)
     with pytest.raises(ExportError, match="needs 'unet'"):
         ExportOptions(components=("text_encoder", "vae_decoder"))
+
+
+def test_large_graphs_keep_weights_as_external_data(tiny_model, tmp_path, monkeypatch):
+    """Past the 2 GB protobuf limit weights go to <name>.onnx.data; forced here with a zero threshold."""
+    import numpy as np
+
+    from sdrt.export import onnx_export
+    from sdrt.export.modules import load_pipeline
+    from sdrt.export.specs import component_specs, sizes
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    pipe = load_pipeline(tiny_model)
+    spec = component_specs(pipe.dims)["vae_decoder"]
+    feed = spec.sample(sizes(pipe.dims, 2, 4, 6), np.random.default_rng(0))
+    path = tmp_path / "onnx" / "vae_decoder.onnx"
+    files = onnx_export.export_onnx(spec, pipe.module("vae_decoder"), feed, path, 18)
+    assert files == [path, path.with_name("vae_decoder.onnx.data")]
+    assert path.stat().st_size < files[1].stat().st_size / 4  # the graph keeps only small constants
+    result = onnx_export.verify_onnx(spec, pipe.module("vae_decoder"), path, [feed])
+    assert result["passed"] and result["max_abs_error"] < FP32_MAX_ABS_ERROR
