@@ -70,3 +70,12 @@ def test_ddim_eta_uses_the_injected_noise():
 def test_unknown_scheduler_class_is_named():
     with pytest.raises(Exception, match="'FancyScheduler' is not supported; supported: DDIMScheduler"):
         schedulers.from_config({"_class_name": "FancyScheduler"})
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_ddim_img2img_strength_matches_diffusers(strength):
+    from scheduler_harness import compare_loops
+
+    ref = Reference(**SD15)
+    ours = schedulers.from_config({"_class_name": "DDIMScheduler", **ref.config}).start(20, strength=strength)
+    compare_loops(ours, ref, 20, strength=strength)

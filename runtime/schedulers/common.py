@@ -75,3 +75,36 @@ def check_prediction_type(config: dict) -> str:
     if kind not in PREDICTION_TYPES:
         raise InputError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {kind!r}")
     return kind
+
+
+def img2img_begin(num_inference_steps: int, strength: float, order: int = 1) -> int:
+    """Index of the first timestep an img2img run executes, as diffusers' ``get_timesteps`` computes it."""
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength: expected a value in (0, 1], got {strength}")
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    return max(num_inference_steps - init_timestep, 0) * order
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Noise levels sigma_t = sqrt((1 - abar_t) / abar_t) of the training timesteps (ascending t)."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolating in log-sigma (diffusers' ``_sigma_to_t``)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    t = (1 - w) * low_idx + w * high_idx
+    return t.reshape(np.shape(sigma))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) noise levels, highest first (diffusers' ``_convert_to_karras``)."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdrt.runtime.schedulers.common import check_prediction_type, discrete_timesteps, make_betas
+from sdrt.runtime.schedulers.common import check_prediction_type, discrete_timesteps, img2img_begin, make_betas
 
 DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -32,6 +32,7 @@ class DDIMScheduler:
 
     name = "DDIMScheduler"
     defaults = DEFAULTS
+    order = 1
 
     def __init__(self, config: dict):
         self.config = {**DEFAULTS, **config}
@@ -39,16 +40,23 @@ class DDIMScheduler:
         self.alphas_cumprod = np.cumprod(1.0 - make_betas(self.config), dtype=np.float32)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def start(self, num_inference_steps: int, eta: float = 0.0) -> DDIMRun:
-        return DDIMRun(self, discrete_timesteps(self.config, num_inference_steps), eta)
+    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> DDIMRun:
+        timesteps = discrete_timesteps(self.config, num_inference_steps)
+        begin = img2img_begin(num_inference_steps, strength, self.order)
+        return DDIMRun(self, timesteps[begin:], num_inference_steps, eta)
 
 
 @dataclass
 class DDIMRun:
     scheduler: DDIMScheduler
     timesteps: np.ndarray
+    num_inference_steps: int
     eta: float = 0.0
     init_noise_sigma: float = 1.0
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        a = self.scheduler.alphas_cumprod[int(self.timesteps[index])]
+        return (a**0.5 * original + (np.float32(1) - a) ** 0.5 * noise).astype(np.float32)
 
     def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
         return sample
@@ -56,7 +64,7 @@ class DDIMRun:
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise=None) -> np.ndarray:
         s, cfg = self.scheduler, self.scheduler.config
         t = int(self.timesteps[index])
-        prev_t = t - cfg["num_train_timesteps"] // len(self.timesteps)
+        prev_t = t - cfg["num_train_timesteps"] // self.num_inference_steps
         a_t = s.alphas_cumprod[t]
         a_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
         b_t = np.float32(1) - a_t
