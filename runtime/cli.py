@@ -37,6 +37,13 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=None, help="random seed for the initial latents (random when omitted)")
+    p.add_argument(
+        "--rng",
+        default="torch",
+        choices=("torch", "numpy"),
+        help="random stream: 'torch' reproduces torch.Generator('cpu').manual_seed(seed), so a seed gives "
+        "diffusers' image; 'numpy' uses NumPy's PCG64",
+    )
     p.add_argument("--scheduler", default=None, help="override the model's scheduler (for example: ddim)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per session (0: onnxruntime's default)")
@@ -65,6 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
             num_images_per_prompt=args.num_images,
             seed=args.seed,
             scheduler=args.scheduler,
+            rng=args.rng,
             callback=StepProgress(),
         )
     paths = result.save(args.out)

@@ -18,6 +18,7 @@ from sdrt.runtime import schedulers
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.rng import make_generator
 from sdrt.runtime.session import Session, open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -29,7 +30,7 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 @dataclass
 class GenerationResult:
     images: np.ndarray  # (batch, height, width, 3) uint8
-    seed: int | None
+    seed: int  # the seed of the generator used (drawn at random when none was given)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; "unet_steps" per step
 
     def to_pil(self) -> list:
@@ -120,8 +121,16 @@ class Pipeline:
         latents: np.ndarray | None = None,
         eta: float = 0.0,
         scheduler: str | None = None,
+        rng: str = "torch",
         callback: StepCallback | None = None,
     ) -> GenerationResult:
+        """Generate images; arguments as diffusers' ``StableDiffusionPipeline.__call__``.
+
+        ``seed`` drives the initial latents and any scheduler noise. With ``rng="torch"`` (default)
+        the stream equals ``torch.Generator("cpu").manual_seed(seed)``, so the same seed gives
+        diffusers' image; ``rng="numpy"`` uses NumPy's PCG64 instead. ``latents`` replaces the
+        initial draw. ``scheduler`` overrides the model's sampler by name (see ``sdrt.runtime.schedulers``).
+        """
         t_start = time.perf_counter()
         timings: dict = {}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -138,17 +147,17 @@ class Pipeline:
         run = sched.start(num_inference_steps, eta=eta)
         guided = guidance_scale > 1.0
 
-        rng_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % (2**63))
-        rng = np.random.default_rng(rng_seed)
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**63)
+        generator = make_generator(seed, rng)
         if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
+            latents = generator.randn(shape)
         else:
             latents = np.asarray(latents)
             if latents.shape != shape or latents.dtype != np.float32:
                 raise InputError(
                     f"latents: expected float32 array of shape {shape}, got {latents.dtype} {latents.shape}"
                 )
-            rng_seed = seed
         latents = latents * np.float32(run.init_noise_sigma)
 
         t0 = time.perf_counter()
@@ -175,7 +184,7 @@ class Pipeline:
             if guided:
                 uncond_pred, text_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance_scale) * (text_pred - uncond_pred)
-            latents = run.step(noise_pred, i, latents, noise=lambda s: rng.standard_normal(s, dtype=np.float32))
+            latents = run.step(noise_pred, i, latents, noise=generator.randn)
             t3 = time.perf_counter()
             step_times.append(t3 - t0)
             sched_time += (t1 - t0) + (t3 - t2)
@@ -189,7 +198,7 @@ class Pipeline:
         images = to_uint8(self.decode(latents))
         timings["vae_decoder"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
-        return GenerationResult(images=images, seed=rng_seed, timings=timings)
+        return GenerationResult(images=images, seed=seed, timings=timings)
 
 
 def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[str]:
