@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -24,32 +25,35 @@ def _alpha_bar_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.nd
     return np.asarray(betas, dtype=np.float32)
 
 
-def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Rescale betas to zero terminal SNR (arXiv:2305.08891, Algorithm 1)."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
-    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (1 - alphas).astype(np.float32)
-
-
-def make_betas(config: dict) -> np.ndarray:
+def _schedule_betas(config: dict) -> np.ndarray:
     n = int(config["num_train_timesteps"])
     schedule = config["beta_schedule"]
     if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], dtype=np.float32)
-    elif schedule == "linear":
-        betas = np.linspace(config["beta_start"], config["beta_end"], n, dtype=np.float32)
-    elif schedule == "scaled_linear":
-        betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n, dtype=np.float32) ** 2
-    elif schedule == "squaredcos_cap_v2":
-        betas = _alpha_bar_betas(n)
-    else:
-        raise InputError(f"beta_schedule: expected one of {', '.join(BETA_SCHEDULES)}, got {schedule!r}")
-    if config.get("rescale_betas_zero_snr"):
-        betas = rescale_zero_terminal_snr(betas)
-    return betas
+        return np.asarray(config["trained_betas"], dtype=np.float32)
+    if schedule in ("linear", "scaled_linear"):
+        power = 2 if schedule == "scaled_linear" else 1
+        return linspace_like_torch(config["beta_start"] ** (1 / power), config["beta_end"] ** (1 / power), n) ** power
+    if schedule == "squaredcos_cap_v2":
+        return _alpha_bar_betas(n)
+    raise InputError(f"beta_schedule: expected one of {', '.join(BETA_SCHEDULES)}, got {schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Rescale betas to zero terminal SNR (arXiv:2305.08891, Algorithm 1), with torch's cumprod."""
+    alphas_bar_sqrt = np.sqrt(cumprod_like_torch(1.0 - betas))
+    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+    alphas_bar = ((alphas_bar_sqrt - last) * (first / (first - last))) ** 2
+    return (1 - np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])).astype(np.float32)
+
+
+def make_betas(config: dict) -> np.ndarray:
+    """The training betas bit for bit as diffusers' torch code computes them."""
+    betas = _schedule_betas(config)
+    return rescale_zero_terminal_snr(betas) if config.get("rescale_betas_zero_snr") else betas
+
+
+def alphas_cumprod(config: dict) -> np.ndarray:
+    return cumprod_like_torch(1.0 - make_betas(config))
 
 
 def discrete_timesteps(config: dict, num_inference_steps: int) -> np.ndarray:
@@ -108,3 +112,79 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, 
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def check_option(name: str, config: dict, key: str, allowed: tuple, expected: str | None = None):
+    """Reject a config value up front, naming the scheduler, rather than failing mid-generation."""
+    value = config[key]
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):  # so that True != 1
+        if expected is None:
+            expected = repr(allowed[0]) if len(allowed) == 1 else "one of " + ", ".join(map(str, allowed))
+        raise InputError(f"{name} {key}: expected {expected}, got {value!r}")
+    return value
+
+
+@contextmanager
+def named_errors(name: str):
+    """Prefix the scheduler's name to the config errors raised by the field-level helpers here."""
+    try:
+        yield
+    except InputError as e:
+        if str(e).startswith(name):
+            raise
+        raise InputError(f"{name} {e}") from None
+
+
+def dynamic_threshold(x0: np.ndarray, cfg: dict) -> np.ndarray:
+    """Imagen's dynamic thresholding, per sample, as diffusers implements it."""
+    flat = np.abs(x0.reshape(x0.shape[0], -1))
+    q = np.quantile(flat, cfg["dynamic_thresholding_ratio"], axis=1)
+    q = np.clip(q, 1, cfg["sample_max_value"]).reshape(-1, *([1] * (x0.ndim - 1)))
+    return np.clip(x0, -q, q) / q
+
+
+def predict_original_sample(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_prod_t):
+    """x0 from the model output at a discrete timestep (DDPM formula 15 and its sample/v variants)."""
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha_prod_t) ** 0.5 * model_output) / alpha_prod_t**0.5
+    if prediction_type == "sample":
+        return model_output
+    return alpha_prod_t**0.5 * sample - (1 - alpha_prod_t) ** 0.5 * model_output
+
+
+def clip_original_sample(x0: np.ndarray, cfg: dict) -> np.ndarray:
+    """Thresholding wins over clip_sample when both are set, as in diffusers."""
+    if cfg["thresholding"]:
+        return dynamic_threshold(x0, cfg)
+    if cfg["clip_sample"]:
+        return np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+    return x0
+
+
+def add_noise_discrete(alphas_cumprod: np.ndarray, original: np.ndarray, noise: np.ndarray, t: int) -> np.ndarray:
+    """Forward diffusion to integer timestep ``t`` (diffusers' DDPM-style ``add_noise``)."""
+    a = alphas_cumprod[int(t)]
+    return (a**0.5 * original + (1 - a) ** 0.5 * noise).astype(np.float32)
+
+
+def cumprod_like_torch(values: np.ndarray) -> np.ndarray:
+    """float32 cumulative product as torch computes it on CPU: accumulated in float64, each entry rounded to float32.
+
+    ``np.cumprod(..., dtype=np.float32)`` accumulates in float32 and drifts ~1e-6 from diffusers' alphas_cumprod,
+    enough to move a rounded Karras timestep.
+    """
+    return np.cumprod(np.asarray(values, dtype=np.float64)).astype(np.float32)
+
+
+def linspace_like_torch(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 ``torch.linspace`` bit for bit as torch's CPU kernel computes it (steps >= 2): the first half counts up
+    from ``start``, the rest down from ``end``, each value one fused multiply-add (one rounding).
+
+    ``np.linspace(..., dtype=np.float32)`` rounds differently by an ulp here and there; through the cumulative product
+    that moves alphas_cumprod by ~4e-7, which the sigma-space schedulers' ``sigma_to_t`` magnifies ~100x.
+    """
+    first, last = np.float32(start), np.float32(end)
+    step = np.float64((last - first) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    half = steps // 2
+    return np.concatenate([first + step * i[:half], last - step * (steps - 1 - i[half:])]).astype(np.float32)

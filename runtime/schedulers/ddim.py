@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdrt.runtime.schedulers.common import check_prediction_type, discrete_timesteps, img2img_begin, make_betas
+from sdrt.runtime.schedulers.common import (
+    add_noise_discrete,
+    alphas_cumprod,
+    check_prediction_type,
+    clip_original_sample,
+    discrete_timesteps,
+    img2img_begin,
+    predict_original_sample,
+)
 
 DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -37,7 +45,7 @@ class DDIMScheduler:
     def __init__(self, config: dict):
         self.config = {**DEFAULTS, **config}
         self.prediction_type = check_prediction_type(self.config)
-        self.alphas_cumprod = np.cumprod(1.0 - make_betas(self.config), dtype=np.float32)
+        self.alphas_cumprod = alphas_cumprod(self.config)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
     def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> DDIMRun:
@@ -55,8 +63,7 @@ class DDIMRun:
     init_noise_sigma: float = 1.0
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        a = self.scheduler.alphas_cumprod[int(self.timesteps[index])]
-        return (a**0.5 * original + (np.float32(1) - a) ** 0.5 * noise).astype(np.float32)
+        return add_noise_discrete(self.scheduler.alphas_cumprod, original, noise, self.timesteps[index])
 
     def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
         return sample
@@ -68,30 +75,17 @@ class DDIMRun:
         a_t = s.alphas_cumprod[t]
         a_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
         b_t = np.float32(1) - a_t
+        x0 = predict_original_sample(s.prediction_type, model_output, sample, a_t)
         if s.prediction_type == "epsilon":
-            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
             eps = model_output
         elif s.prediction_type == "sample":
-            x0 = model_output
             eps = (sample - a_t**0.5 * x0) / b_t**0.5
         else:  # v_prediction
-            x0 = a_t**0.5 * sample - b_t**0.5 * model_output
             eps = a_t**0.5 * model_output + b_t**0.5 * sample
-        if cfg["thresholding"]:
-            x0 = _dynamic_threshold(x0, cfg)
-        elif cfg["clip_sample"]:
-            x0 = np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+        x0 = clip_original_sample(x0, cfg)
         variance = (np.float32(1) - a_prev) / b_t * (np.float32(1) - a_t / a_prev)
         std = np.float32(self.eta) * variance**0.5
         prev = a_prev**0.5 * x0 + (np.float32(1) - a_prev - std**2) ** 0.5 * eps
         if self.eta > 0:
             prev = prev + std * noise(sample.shape)
         return prev.astype(np.float32, copy=False)
-
-
-def _dynamic_threshold(x0: np.ndarray, cfg: dict) -> np.ndarray:
-    """Imagen's dynamic thresholding, per sample, as diffusers implements it."""
-    flat = np.abs(x0.reshape(x0.shape[0], -1))
-    q = np.quantile(flat, cfg["dynamic_thresholding_ratio"], axis=1)
-    q = np.clip(q, 1, cfg["sample_max_value"]).reshape(-1, *([1] * (x0.ndim - 1)))
-    return np.clip(x0, -q, q) / q
