@@ -10,6 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from sdrt.runtime import schedulers
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.session import BACKENDS
 
@@ -44,7 +45,14 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         help="random stream: 'torch' reproduces torch.Generator('cpu').manual_seed(seed), so a seed gives "
         "diffusers' image; 'numpy' uses NumPy's PCG64",
     )
-    p.add_argument("--scheduler", default=None, help="override the model's scheduler (for example: ddim)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="NAME",
+        help="override the model's scheduler, keeping its betas and prediction type: "
+        + ", ".join(sorted(schedulers.ALIASES))
+        + " (or a diffusers class name such as EulerDiscreteScheduler); default: the model's own",
+    )
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per session (0: onnxruntime's default)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the artifacts at load time")

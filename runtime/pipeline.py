@@ -18,7 +18,7 @@ from sdrt.runtime import schedulers
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.rng import make_generator
+from sdrt.runtime.rng import PrefetchingNoise, make_generator
 from sdrt.runtime.session import Session, open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -171,25 +171,26 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t0
 
         unet, step_times, sched_time = self.sessions["unet"], [], 0.0
-        for i, t in enumerate(run.timesteps):
-            t0 = time.perf_counter()
-            model_input = np.concatenate([latents, latents]) if guided else latents
-            model_input = run.scale_model_input(model_input, i)
-            timestep = np.full((model_input.shape[0],), t, dtype=np.float32)
-            t1 = time.perf_counter()
-            noise_pred = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": embeds})[
-                "out_sample"
-            ]
-            t2 = time.perf_counter()
-            if guided:
-                uncond_pred, text_pred = np.split(noise_pred, 2)
-                noise_pred = uncond_pred + np.float32(guidance_scale) * (text_pred - uncond_pred)
-            latents = run.step(noise_pred, i, latents, noise=generator.randn)
-            t3 = time.perf_counter()
-            step_times.append(t3 - t0)
-            sched_time += (t1 - t0) + (t3 - t2)
-            if callback is not None:
-                callback(i + 1, len(run.timesteps))
+        # Stochastic samplers' noise is drawn one step ahead, during the UNet call.
+        with PrefetchingNoise(generator) as noise:
+            for i, t in enumerate(run.timesteps):
+                t0 = time.perf_counter()
+                model_input = np.concatenate([latents, latents]) if guided else latents
+                model_input = run.scale_model_input(model_input, i)
+                timestep = np.full((model_input.shape[0],), t, dtype=np.float32)
+                t1 = time.perf_counter()
+                feed = {"sample": model_input, "timestep": timestep, "encoder_hidden_states": embeds}
+                noise_pred = unet.run(feed)["out_sample"]
+                t2 = time.perf_counter()
+                if guided:
+                    uncond_pred, text_pred = np.split(noise_pred, 2)
+                    noise_pred = uncond_pred + np.float32(guidance_scale) * (text_pred - uncond_pred)
+                latents = run.step(noise_pred, i, latents, noise=noise)
+                t3 = time.perf_counter()
+                step_times.append(t3 - t0)
+                sched_time += (t1 - t0) + (t3 - t2)
+                if callback is not None:
+                    callback(i + 1, len(run.timesteps))
         timings["unet_steps"] = step_times
         timings["denoise"] = sum(step_times)
         timings["scheduler_and_guidance"] = sched_time

@@ -38,3 +38,19 @@ def test_bad_seeds_and_kinds_are_refused():
 def test_numpy_generator_is_reproducible():
     a, b = make_generator(5, "numpy"), make_generator(5, "numpy")
     np.testing.assert_array_equal(a((2, 3)), b((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_prefetching_noise_keeps_the_stream(kind):
+    """Drawing one step ahead changes nothing: same arrays, also when the shape changes mid-stream."""
+    from sdrt.runtime.rng import PrefetchingNoise
+
+    shapes = [(2, 4, 8, 8)] * 3 + [(1, 4, 8, 8), (5,), (2, 4, 8, 8), (2, 4, 8, 8)]
+    plain = make_generator(11, kind)
+    want = [plain(s) for s in shapes] + [plain((3, 4))]
+    gen = make_generator(11, kind)
+    with PrefetchingNoise(gen) as noise:
+        got = [noise(s) for s in shapes]
+    got.append(gen((3, 4)))  # after close() the generator continues where the caller's draws ended
+    for s, g, w in zip(shapes + [(3, 4)], got, want):
+        np.testing.assert_array_equal(g, w, err_msg=str(s))

@@ -40,6 +40,7 @@ def lms_coefficient(sigmas: np.ndarray, order: int, t: int, current: int) -> flo
     antiderivative = P.polyint(basis)
     return float(P.polyval(float(sigmas[t + 1]), antiderivative) - P.polyval(float(sigmas[t]), antiderivative))
 
+
 @dataclass
 class LMSRun(SigmaRun):
     derivatives: list = field(default_factory=list)  # most recent last, at most MAX_ORDER
