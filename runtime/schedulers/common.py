@@ -167,6 +167,19 @@ def add_noise_discrete(alphas_cumprod: np.ndarray, original: np.ndarray, noise: 
     return (a**0.5 * original + (1 - a) ** 0.5 * noise).astype(np.float32)
 
 
+class DiscreteRun:
+    """What the runs of timestep-space samplers (DDIM, DDPM, PNDM, LCM) share: the model input is not
+    scaled, the initial noise has unit scale, and img2img noises a sample by ``alphas_cumprod``."""
+
+    init_noise_sigma = 1.0
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        return add_noise_discrete(self.scheduler.alphas_cumprod, original, noise, self.timesteps[index])
+
+    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
+        return sample
+
+
 def cumprod_like_torch(values: np.ndarray) -> np.ndarray:
     """float32 cumulative product as torch computes it on CPU: accumulated in float64, each entry rounded to float32.
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdrt.runtime.schedulers.common import (
-    add_noise_discrete,
+    DiscreteRun,
     alphas_cumprod,
     check_prediction_type,
     clip_original_sample,
@@ -55,18 +55,11 @@ class DDIMScheduler:
 
 
 @dataclass
-class DDIMRun:
+class DDIMRun(DiscreteRun):
     scheduler: DDIMScheduler
     timesteps: np.ndarray
     num_inference_steps: int
     eta: float = 0.0
-    init_noise_sigma: float = 1.0
-
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        return add_noise_discrete(self.scheduler.alphas_cumprod, original, noise, self.timesteps[index])
-
-    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
-        return sample
 
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise=None) -> np.ndarray:
         s, cfg = self.scheduler, self.scheduler.config

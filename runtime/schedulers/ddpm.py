@@ -12,7 +12,7 @@ from sdrt.runtime.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    add_noise_discrete,
+    DiscreteRun,
     check_option,
     clip_original_sample,
     cumprod_like_torch,
@@ -99,17 +99,10 @@ def _laplace_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 @dataclass
-class DDPMRun:
+class DDPMRun(DiscreteRun):
     scheduler: DDPMScheduler
     timesteps: np.ndarray
     previous: np.ndarray  # the timestep each step lands on; -1 past the end
-    init_noise_sigma: float = 1.0
-
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        return add_noise_discrete(self.scheduler.alphas_cumprod, original, noise, self.timesteps[index])
-
-    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
-        return sample
 
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise=None) -> np.ndarray:
         s = self.scheduler

@@ -307,7 +307,7 @@ def first_order_update(algorithm: str, m0: np.ndarray, sample: np.ndarray, sigma
 
 
 @dataclass
-class SigmaRun:
+class DPMFamilyRun:
     """Per-generation state common to the family; ``sigmas`` covers the full schedule, ``begin`` is the img2img start."""
 
     scheduler: object
@@ -360,7 +360,7 @@ class DPMSolverMultistepScheduler:
 
 
 @dataclass
-class DPMSolverMultistepRun(SigmaRun):
+class DPMSolverMultistepRun(DPMFamilyRun):
     outputs: list = field(default_factory=list)  # converted model outputs, newest last
     lower_order_nums: int = 0
 

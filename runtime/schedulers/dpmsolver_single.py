@@ -13,7 +13,7 @@ import numpy as np
 
 from sdrt.runtime.schedulers.common import check_option, img2img_begin
 from sdrt.runtime.schedulers.dpmsolver import (
-    SigmaRun,
+    DPMFamilyRun,
     check_dpm_options,
     convert_model_output,
     dpm_schedule,
@@ -99,7 +99,7 @@ def order_list(cfg: dict, steps: int) -> list[int]:
 
 
 @dataclass
-class DPMSolverSinglestepRun(SigmaRun):
+class DPMSolverSinglestepRun(DPMFamilyRun):
     orders: list = field(default_factory=list)  # solver order per step of the full schedule
     outputs: list = field(default_factory=list)  # converted model outputs, newest last
     group_sample: np.ndarray | None = None  # the sample the current order group started from

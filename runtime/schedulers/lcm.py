@@ -15,7 +15,7 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
-    add_noise_discrete,
+    DiscreteRun,
     check_option,
     clip_original_sample,
     cumprod_like_torch,
@@ -91,16 +91,9 @@ class LCMScheduler:
 
 
 @dataclass
-class LCMRun:
+class LCMRun(DiscreteRun):
     scheduler: LCMScheduler
     timesteps: np.ndarray
-    init_noise_sigma: float = 1.0
-
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        return add_noise_discrete(self.scheduler.alphas_cumprod, original, noise, self.timesteps[index])
-
-    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
-        return sample
 
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise=None) -> np.ndarray:
         s = self.scheduler

@@ -16,7 +16,7 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.schedulers.common import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    add_noise_discrete,
+    DiscreteRun,
     check_option,
     cumprod_like_torch,
     discrete_timesteps,
@@ -93,22 +93,15 @@ class PNDMScheduler:
 
 
 @dataclass
-class PNDMRun:
+class PNDMRun(DiscreteRun):
     scheduler: PNDMScheduler
     timesteps: np.ndarray
     prk_timesteps: np.ndarray  # indexed by call count: each group of four starts from its first entry
     step_ratio: int
-    init_noise_sigma: float = 1.0
     counter: int = 0
     ets: list = field(default_factory=list)
     cur_sample: np.ndarray | None = None
     cur_model_output: np.ndarray | float = 0.0
-
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
-        return add_noise_discrete(self.scheduler.alphas_cumprod, original, noise, self.timesteps[index])
-
-    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
-        return sample
 
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray, noise=None) -> np.ndarray:
         if index != self.counter:

@@ -14,7 +14,7 @@ import numpy as np
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.schedulers.common import check_option, dynamic_threshold, img2img_begin
 from sdrt.runtime.schedulers.dpmsolver import (
-    SigmaRun,
+    DPMFamilyRun,
     alpha_sigma,
     check_common_options,
     check_steps,
@@ -161,7 +161,7 @@ def _weighted_sum(weights, terms: list):
 
 
 @dataclass
-class UniPCMultistepRun(SigmaRun):
+class UniPCMultistepRun(DPMFamilyRun):
     outputs: list = field(default_factory=list)  # converted model outputs, newest last
     lower_order_nums: int = 0
     last_sample: np.ndarray | None = None  # the sample the last prediction started from
