@@ -27,7 +27,7 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate test test-slow lint clean distclean venv
+.PHONY: engines generate test test-slow lint clean distclean venv sd15-random
 
 venv: $(VENV)/.installed
 
@@ -39,7 +39,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 models/tiny-sd: $(VENV)/.installed
-	$(SDRT) tiny-model --out $@
+	$(SDRT) random-model --preset tiny --out $@
+
+# SD 1.5's architecture with random weights (no download): for full-size exports and benchmarks,
+# e.g. `make sd15-random && make engines MODEL=models/sd15-random`.
+sd15-random: models/sd15-random
+models/sd15-random: $(VENV)/.installed
+	$(SDRT) random-model --preset sd15 --out $@
 
 # Export always asks sdrt, which compares content hashes and does nothing when inputs are unchanged;
 # the sample image is remade only when the manifest changed.

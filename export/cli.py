@@ -1,4 +1,4 @@
-"""``sdrt export`` and ``sdrt tiny-model``. Heavy imports happen inside the handlers, so that
+"""``sdrt export`` and ``sdrt random-model``. Heavy imports happen inside the handlers, so that
 ``sdrt --help`` stays fast and a missing ``[export]`` extra is reported as such."""
 
 from __future__ import annotations
@@ -47,28 +47,32 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_tiny(sub: argparse._SubParsersAction) -> None:
+def register_random_model(sub: argparse._SubParsersAction) -> None:
+    from sdrt.export.random_model import PRESETS
+
     p = sub.add_parser(
-        "tiny-model",
-        help="build the embedded tiny random-weight SD 1.x pipeline folder",
+        "random-model",
+        help="build a random-weight SD pipeline folder (the tiny default model, or SD 1.5-shaped)",
         description=(
-            "Write a small random-weight Stable Diffusion 1.x pipeline (diffusers folder) built locally from "
-            "configs with a fixed seed, with CLIP's real BPE tokenizer taken from the open_clip_torch package."
+            "Write a random-weight Stable Diffusion pipeline (diffusers folder) built locally from known configs "
+            "with a fixed seed, with CLIP's real BPE tokenizer taken from the open_clip_torch package. "
+            "'tiny' is the embedded default model; 'sd15' has SD 1.5's full architecture (3.4 GB UNet)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture to build")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
-    p.set_defaults(func=_tiny)
+    p.set_defaults(func=_random_model)
 
 
-def _tiny(args: argparse.Namespace) -> int:
-    from sdrt.export.tiny import is_current, write_tiny_model
+def _random_model(args: argparse.Namespace) -> int:
+    from sdrt.export.random_model import is_current, write_random_model
 
-    if is_current(args.out, args.seed) and not args.force:
-        print(f"{args.out} is up to date (same recipe and seed): nothing to do (use --force to rebuild)")
+    if is_current(args.out, args.preset, args.seed) and not args.force:
+        print(f"{args.out} is up to date (same preset, recipe and seed): nothing to do (use --force to rebuild)")
         return 0
-    write_tiny_model(args.out, seed=args.seed)
-    print(f"wrote tiny SD 1.x pipeline to {args.out}")
+    write_random_model(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote random-weight {args.preset} pipeline to {args.out}")
     return 0

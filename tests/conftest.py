@@ -29,9 +29,9 @@ def _gpu_skip_reason() -> str | None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from sdrt.export.tiny import write_tiny_model
+    from sdrt.export.random_model import write_random_model
 
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
