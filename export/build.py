@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.export import graph
 from sdrt.export.atomic import atomic_directory
 from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, source_files
 from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
@@ -28,7 +29,17 @@ from sdrt.runtime.manifest import Component, FileRecord, Manifest, TokenizerInfo
 
 log = logging.getLogger(__name__)
 
-TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript")
+TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxslim")
+
+PRECISIONS = ("fp32", "fp16")
+# Per-component precisions: fp16 everywhere, except the parts known to overflow in fp16.
+COMPONENT_PRECISIONS = ("fp32", "fp16", "fp16+fp32-attention")
+FP16_EXCEPTIONS = {
+    # SD 2.x was trained with attention upcast to fp32 (diffusers' upcast_attention): its scores overflow in fp16.
+    "sd2": {"unet": "fp16+fp32-attention"},
+    # SDXL's VAE overflows in fp16 (hence madebyollin's fp16-fix VAE); keep it fp32 unless told otherwise.
+    "sdxl": {"vae_decoder": "fp32", "vae_encoder": "fp32"},
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,9 @@ class ExportOptions:
     components: tuple[str, ...] = COMPONENTS
     verify: bool = True
     seed: int = 0  # for verification inputs
+    precision: str = "fp32"  # of every component, unless the family's exceptions or an override say otherwise
+    component_precision: tuple[tuple[str, str], ...] = ()  # overrides, e.g. (("vae_decoder", "fp32"),)
+    optimizations: tuple[str, ...] = graph.DEFAULT_OPTIMIZATIONS
 
     def __post_init__(self):
         unknown = [c for c in self.components if c not in COMPONENTS]
@@ -47,6 +61,27 @@ class ExportOptions:
                 raise ExportError(f"components: text-to-image needs {needed!r}; got {list(self.components)}")
         if self.opset < 17:
             raise ExportError(f"opset: expected 17 or newer, got {self.opset}")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name, value in self.component_precision:
+            if name not in COMPONENTS or value not in COMPONENT_PRECISIONS:
+                raise ExportError(
+                    f"component precision: expected COMPONENT=PRECISION with a component from "
+                    f"{', '.join(COMPONENTS)} and a precision from {', '.join(COMPONENT_PRECISIONS)}, "
+                    f"got {name}={value}"
+                )
+        bad = [o for o in self.optimizations if o not in graph.OPTIMIZATIONS]
+        if bad:
+            raise ExportError(f"optimizations: expected names from {', '.join(graph.OPTIMIZATIONS)}, got {bad}")
+
+    def precision_of(self, component: str, family: str) -> str:
+        """The component's precision: the override if given, else fp32, else fp16 bar the family's exceptions."""
+        overrides = dict(self.component_precision)
+        if component in overrides:
+            return overrides[component]
+        if self.precision == "fp32":
+            return "fp32"
+        return FP16_EXCEPTIONS.get(family, {}).get(component, "fp16")
 
 
 @dataclass
@@ -67,11 +102,15 @@ def tool_versions() -> dict[str, str]:
 
 
 def input_fingerprint(source: Path, options: ExportOptions) -> str:
-    """sha256 over every source file's content hash, the export options and the tool versions."""
+    """sha256 over every source file's content hash, the export options, the tool versions and
+    sdrt's own export code (so a changed exporter rebuilds even at the same version number)."""
     h = hashlib.sha256()
     for path in source_files(source):
         h.update(f"{path.relative_to(source).as_posix()}\0{sha256_file(path)}\n".encode())
-    h.update(json.dumps({"options": options.__dict__, "versions": tool_versions()}, sort_keys=True).encode())
+    code = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
+    h.update(
+        json.dumps({"options": options.__dict__, "versions": tool_versions(), "code": code}, sort_keys=True).encode()
+    )
     return h.hexdigest()
 
 
@@ -123,13 +162,14 @@ def export_pipeline(
             seconds[name] = time.perf_counter() - t0
             check = components[name].verification
             log.info(
-                "[%d/%d] %s: done in %.1f s, %.1f MB, max abs error vs PyTorch %s",
+                "[%d/%d] %s: done in %.1f s, %s, %.1f MB, max abs error vs PyTorch %s",
                 i,
                 len(options.components),
                 name,
                 seconds[name],
+                components[name].precision,
                 sum(f.bytes for f in components[name].files) / 1e6,
-                f"{check['max_abs_error']:.2e}" if check else "not checked",
+                f"{check['max_abs_error']:.2e} (PSNR {check['psnr_db']:.1f} dB)" if check else "not checked",
             )
         tokenizer = _write_tokenizer(pipe, tmp)
         (tmp / "scheduler").mkdir()
@@ -150,20 +190,59 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     # Distinct sizes for every symbolic dimension, so the exporter cannot mistake one for another.
     trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng)
     path = root / "onnx" / f"{name}.onnx"
-    files = export_onnx(spec, module, trace, path, options.opset)
+    t0 = time.perf_counter()
+    export_onnx(spec, module, trace, path, options.opset)
+    steps = [{"step": "export", "tool": f"torch.onnx (dynamo) {torch_version()}", **_stats_now(path, t0)}]
+    log.info(
+        "    export: %d nodes, %.1f MB in %.1f s",
+        steps[0]["nodes_after"],
+        steps[0]["bytes_after"] / 1e6,
+        steps[0]["seconds"],
+    )
+    for step in options.optimizations:
+        if step == "slim":
+            steps.append(graph.slim(path))
+        elif step == "ort-fusion":
+            steps.append(graph.ort_fusion(path, name))
+    precision = options.precision_of(name, pipe.family)
+    if precision != "fp32":
+        islands = ("attention",) if precision == "fp16+fp32-attention" else ()
+        steps.append(graph.to_fp16(path, islands))
     verification = {}
     if options.verify:
+        t0 = time.perf_counter()
         other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng)
-        verification = verify_onnx(spec, module, path, [trace, other])
+        verification = verify_onnx(spec, module, path, [trace, other], precision)
+        log.info(
+            "    verify: max abs error %.2e, PSNR %.1f dB at 2 shapes in %.1f s",
+            verification["max_abs_error"],
+            verification["psnr_db"],
+            time.perf_counter() - t0,
+        )
+    optimization = {"steps": steps}
+    if "ort-fusion" in options.optimizations:
+        optimization["runs_in"] = "onnxruntime only (com.microsoft contrib operators)"
     return Component(
         name=name,
-        files=[FileRecord.of(root, f) for f in files],
+        files=[FileRecord.of(root, f) for f in graph.graph_files(path)],
         opset=options.opset,
-        precision="fp32",
+        precision=precision,
         inputs=list(spec.inputs),
         outputs=list(spec.outputs),
         verification=verification,
+        optimization=optimization,
     )
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _stats_now(path: Path, started: float) -> dict:
+    s = graph.stats(path)
+    return {"nodes_after": s["nodes"], "bytes_after": s["bytes"], "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _write_tokenizer(pipe: LoadedPipeline, root: Path) -> TokenizerInfo:
@@ -203,7 +282,12 @@ def _manifest(pipe, model, revision, components, tokenizer, options, fingerprint
         build={
             "input_fingerprint": fingerprint,
             "versions": tool_versions(),
-            "options": {**options.__dict__, "components": list(options.components)},
+            "options": {
+                **options.__dict__,
+                "components": list(options.components),
+                "component_precision": dict(options.component_precision),
+                "optimizations": list(options.optimizations),
+            },
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": dict(seconds),
         },

@@ -25,6 +25,29 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
     p.add_argument("--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS, help="components to export")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16"),
+        help="precision of the graphs; fp16 keeps the parts known to overflow in fp32 (SD 2.x attention, "
+        "SDXL's VAE) and keeps float32 graph inputs and outputs",
+    )
+    p.add_argument(
+        "--component-precision",
+        nargs="+",
+        default=[],
+        metavar="COMPONENT=PRECISION",
+        help="per-component override, e.g. vae_decoder=fp32 or unet=fp16 (precisions: fp32, fp16, fp16+fp32-attention)",
+    )
+    p.add_argument(
+        "--optimize",
+        nargs="*",
+        default=["slim"],
+        metavar="STEP",
+        help="graph optimizations after export, in order: 'slim' (onnxslim: constant folding and cleanup), "
+        "'ort-fusion' (onnxruntime transformer fusions; the graphs then run in onnxruntime only). "
+        "Give no STEP to skip all",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
     p.set_defaults(func=_export)
@@ -32,17 +55,33 @@ def register_export(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from sdrt.export.build import ExportOptions, export_pipeline
+    from sdrt.runtime.errors import ExportError
 
-    options = ExportOptions(opset=args.opset, components=tuple(args.components), verify=not args.no_verify)
+    overrides = []
+    for item in args.component_precision:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ExportError(f"--component-precision: expected COMPONENT=PRECISION, got {item!r}")
+        overrides.append((name, value))
+    options = ExportOptions(
+        opset=args.opset,
+        components=tuple(args.components),
+        verify=not args.no_verify,
+        precision=args.precision,
+        component_precision=tuple(overrides),
+        optimizations=tuple(args.optimize),
+    )
     report = export_pipeline(args.model, args.out, options, revision=args.revision, force=args.force)
     m = report.manifest
     if report.built:
+        print(f"{'component':13s} {'precision':20s} {'nodes':>7s} {'MB':>9s} {'max abs err':>11s} {'PSNR dB':>8s}")
         for c in m.components.values():
-            err = c.verification.get("max_abs_error")
-            print(
-                f"{c.name:13s} {c.path:28s} {sum(f.bytes for f in c.files) / 1e6:8.1f} MB  max abs error "
-                f"{'n/a' if err is None else f'{err:.2e}'}"
-            )
+            v = c.verification
+            err = "n/a" if not v else f"{v['max_abs_error']:.2e}"
+            db = "n/a" if not v else f"{v['psnr_db']:.1f}"
+            nodes = c.optimization.get("steps", [{}])[-1].get("nodes_after", "?")
+            mb = sum(f.bytes for f in c.files) / 1e6
+            print(f"{c.name:13s} {c.precision:20s} {nodes:>7} {mb:9.1f} {err:>11s} {db:>8s}")
         print(f"exported {m.family} model to {args.out} in {m.build['seconds']['total']:.1f} s")
     return 0
 

@@ -1,12 +1,13 @@
 """Export of the tiny model: manifest contents, verification figures, no-op re-runs, atomicity, tamper checks."""
 
 import json
+import math
 import time
 
 import onnx
 import pytest
 
-from sdrt.export import build
+from sdrt.export import build, graph
 from sdrt.export.build import ExportOptions, export_pipeline
 from sdrt.runtime import ArtifactError, ExportError, Manifest, Pipeline
 from sdrt.runtime.manifest import SCHEMA_VERSION
@@ -36,6 +37,22 @@ def test_each_component_was_verified_against_pytorch(tiny_artifacts, name):
     assert v["passed"] and v["max_abs_error"] < FP32_MAX_ABS_ERROR
     assert len({json.dumps(check["input_shapes"]) for check in v["checks"]}) == 2  # two shapes in the range
     assert c.opset >= 17 and c.precision == "fp32"
+    assert v["psnr_db"] >= v["tolerance"]["min_psnr_db"] and v["mean_abs_error"] <= v["max_abs_error"]
+    for check in v["checks"]:  # PSNR as defined: peak = the reference's largest magnitude (>= 1)
+        peak = max(1.0, check["reference_max_abs"])
+        if check["max_abs_error"] > 0:
+            assert check["psnr_db"] >= 10 * math.log10(peak**2 / check["max_abs_error"] ** 2) - 1e-9
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_optimization_steps_are_recorded_with_true_node_counts(tiny_artifacts, name):
+    c = Manifest.load(tiny_artifacts).components[name]
+    steps = c.optimization["steps"]
+    assert [s["step"] for s in steps] == ["export", "slim"]
+    final = onnx.load(tiny_artifacts / c.path, load_external_data=False)
+    assert steps[-1]["nodes_after"] == len(final.graph.node)
+    assert steps[-1]["bytes_after"] == sum(f.bytes for f in c.files)
+    assert steps[1]["nodes_before"] == steps[0]["nodes_after"] >= steps[1]["nodes_after"]
 
 
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
@@ -85,7 +102,7 @@ def test_other_schema_version_is_refused(tiny_artifacts, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=f"expected schema_version {SCHEMA_VERSION}, got 999"):
         Manifest.load(copy)
-    with pytest.raises(ArtifactError, match="found no manifest"):
+    with pytest.raises(ArtifactError, match="or an optimum ONNX export folder\), found neither"):
         Manifest.load(tmp_path / "nowhere")
 
 
@@ -126,6 +143,12 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model):
         ExportOptions(opset=13)
     with pytest.raises(ExportError, match="needs 'unet'"):
         ExportOptions(components=("text_encoder", "vae_decoder"))
+    with pytest.raises(ExportError, match="precision: expected one of fp32, fp16, got 'int8'"):
+        ExportOptions(precision="int8")
+    with pytest.raises(ExportError, match="got vae=fp16"):
+        ExportOptions(component_precision=(("vae", "fp16"),))
+    with pytest.raises(ExportError, match="expected names from slim, ort-fusion, got"):
+        ExportOptions(optimizations=("fold",))
 
 
 def test_large_graphs_keep_weights_as_external_data(tiny_model, tmp_path, monkeypatch):
@@ -136,13 +159,23 @@ def test_large_graphs_keep_weights_as_external_data(tiny_model, tmp_path, monkey
     from sdrt.export.modules import load_pipeline
     from sdrt.export.specs import component_specs, sizes
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
     pipe = load_pipeline(tiny_model)
     spec = component_specs(pipe.dims)["vae_decoder"]
     feed = spec.sample(sizes(pipe.dims, 2, 4, 6), np.random.default_rng(0))
     path = tmp_path / "onnx" / "vae_decoder.onnx"
     files = onnx_export.export_onnx(spec, pipe.module("vae_decoder"), feed, path, 18)
-    assert files == [path, path.with_name("vae_decoder.onnx.data")]
-    assert path.stat().st_size < files[1].stat().st_size / 4  # the graph keeps only small constants
+    data = path.with_name("vae_decoder.onnx.data")
+    assert files == [path, data]
+    assert path.stat().st_size < data.stat().st_size / 4  # the graph keeps only small constants
     result = onnx_export.verify_onnx(spec, pipe.module("vae_decoder"), path, [feed])
     assert result["passed"] and result["max_abs_error"] < FP32_MAX_ABS_ERROR
+    # every later step writes its result with external data too, and leaves no stale data behind
+    graph.slim(path)
+    assert graph.graph_files(path) == [path, data] and path.stat().st_size < data.stat().st_size / 4
+    graph.to_fp16(path)
+    assert graph.graph_files(path) == [path, data] and path.stat().st_size < data.stat().st_size / 4
+    result = onnx_export.verify_onnx(spec, pipe.module("vae_decoder"), path, [feed], "fp16")
+    assert result["passed"] and sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["onnx", "vae_decoder.onnx", "vae_decoder.onnx.data"]
+    )
