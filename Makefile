@@ -23,11 +23,16 @@ PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 20
 SEED ?= 0
 
+# optimum pins transformers < 4.58 and diffusers 0.39: it gets an environment of its own, used only to
+# make an optimum-exported folder of the tiny model for the interop tests.
+OPTIMUM_VENV ?= .venv-optimum
+OPTIMUM ?= optimum-onnx[onnxruntime]==0.1.0 diffusers==0.39.0
+
 BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate test test-slow lint clean distclean venv sd15-random
+.PHONY: engines generate test test-slow lint clean distclean venv sd15-random FORCE
 
 venv: $(VENV)/.installed
 
@@ -38,18 +43,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps $(OPEN_CLIP)
 	touch $@
 
-models/tiny-sd: $(VENV)/.installed
-	$(SDRT) random-model --preset tiny --out $@
+# The random-weight models are always asked for: sdrt rebuilds one only when its recipe or seed
+# changed, and rewrites its marker file only then, so what depends on the marker rebuilds only then.
+MARKER := sdrt-random-model.json
+FORCE:
+models/tiny-sd/$(MARKER): $(VENV)/.installed FORCE
+	@$(SDRT) random-model --preset tiny --out $(@D)
 
 # SD 1.5's architecture with random weights (no download): for full-size exports and benchmarks,
 # e.g. `make sd15-random && make engines MODEL=models/sd15-random`.
-sd15-random: models/sd15-random
-models/sd15-random: $(VENV)/.installed
-	$(SDRT) random-model --preset sd15 --out $@
+sd15-random: models/sd15-random/$(MARKER)
+models/sd15-random/$(MARKER): $(VENV)/.installed FORCE
+	@$(SDRT) random-model --preset sd15 --out $(@D)
 
 # Export always asks sdrt, which compares content hashes and does nothing when inputs are unchanged;
 # the sample image is remade only when the manifest changed.
-engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd)
+engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd/$(MARKER))
 	$(SDRT) export --model $(SOURCE) --out $(ARTIFACTS)
 	@$(MAKE) --no-print-directory $(ARTIFACTS).png
 
@@ -59,9 +68,22 @@ $(ARTIFACTS).png: $(ARTIFACTS)/manifest.json
 generate: $(VENV)/.installed
 	$(SDRT) generate --artifacts $(ARTIFACTS) --prompt "$(PROMPT)" --steps $(STEPS) --seed $(SEED) --out $(ARTIFACTS).png
 
-test: $(VENV)/.installed
+$(OPTIMUM_VENV)/.installed:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install --quiet $(TORCH)
+	$(OPTIMUM_VENV)/bin/pip install --quiet $(OPTIMUM)
+	touch $@
+
+# The tiny model exported by optimum-cli, for the test that the runtime reads optimum's layout.
+models/tiny-sd-optimum: models/tiny-sd/$(MARKER) $(OPTIMUM_VENV)/.installed
+	rm -rf $@.partial
+	HF_HUB_OFFLINE=1 $(OPTIMUM_VENV)/bin/optimum-cli export onnx --model models/tiny-sd --task text-to-image $@.partial > $@.log 2>&1 \
+	  || { tail -20 $@.log; exit 1; }
+	rm -rf $@ && mv $@.partial $@
+
+test: $(VENV)/.installed models/tiny-sd-optimum
 	$(BIN)/ruff check export runtime benchmarks tests
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	SDRT_OPTIMUM_FOLDER=models/tiny-sd-optimum $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
@@ -73,4 +95,4 @@ clean:
 	rm -rf artifacts .pytest_cache
 
 distclean: clean
-	rm -rf $(VENV) models
+	rm -rf $(VENV) $(OPTIMUM_VENV) models

@@ -47,6 +47,10 @@ class Component:
     outputs: list[TensorSpec]
     verification: dict = field(default_factory=dict)
     optimization: dict = field(default_factory=dict)
+    # For graphs exported by other tools: our tensor name -> the graph's, and the inputs the graph
+    # takes as scalars (optimum's UNet takes one timestep for the whole batch).
+    graph_names: dict[str, str] = field(default_factory=dict)
+    scalar_inputs: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -63,14 +67,16 @@ class Component:
             outputs=[TensorSpec(**t) for t in d["outputs"]],
             verification=d.get("verification", {}),
             optimization=d.get("optimization", {}),
+            graph_names=d.get("graph_names", {}),
+            scalar_inputs=d.get("scalar_inputs", []),
         )
 
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    path: str  # directory holding tokenizer.json
+    path: str  # directory holding tokenizer.json (or vocab.json + merges.txt)
     max_length: int
-    pad_token_id: int
+    pad_token_id: int | None  # None: the tokenizer folder's own pad token
     files: list[FileRecord] = field(default_factory=list)
 
     @classmethod
@@ -118,8 +124,15 @@ class Manifest:
         root = Path(root)
         path = root / MANIFEST_NAME
         if not path.is_file():
+            from sdrt.runtime.foreign import is_optimum_folder, optimum_manifest
+
+            if is_optimum_folder(root):
+                manifest = optimum_manifest(root)
+                manifest.check_files(root, verify_hashes=False)  # such folders carry no hashes
+                return manifest
             raise ArtifactError(
-                f"artifacts: expected {path}, found no manifest (build it with `make engines` or `sdrt export`)"
+                f"artifacts: expected {path} (or an optimum ONNX export folder), found neither "
+                "(build it with `make engines` or `sdrt export`)"
             )
         try:
             data = json.loads(path.read_text())

@@ -57,7 +57,7 @@ class Pipeline:
     ):
         self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
         info = manifest.tokenizers["tokenizer"]
-        self.tokenizer = ClipTokenizer(root / info.path / "tokenizer.json", info.max_length, info.pad_token_id)
+        self.tokenizer = ClipTokenizer.from_tokenizer_dir(root / info.path, info.max_length, info.pad_token_id)
         self.scheduler_config = schedulers.read_config(root / manifest.scheduler_config)
         self.scheduler = schedulers.from_config(self.scheduler_config, scheduler)
 

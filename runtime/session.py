@@ -82,17 +82,29 @@ class OrtSession:
             options.intra_op_num_threads = threads
         path = Path(root) / component.path
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
+        self._scalars = set(component.scalar_inputs)
         graph_inputs = sorted(i.name for i in self._session.get_inputs())
-        if graph_inputs != sorted(s.name for s in self.inputs):
+        expected = sorted(self._names[s.name] for s in self.inputs)
+        if graph_inputs != expected:
             raise ArtifactError(
-                f"{path}: expected graph inputs {sorted(s.name for s in self.inputs)} per the manifest, "
-                f"got {graph_inputs} (re-run the export)"
+                f"{path}: expected graph inputs {expected} per the manifest, got {graph_inputs} (re-run the export)"
             )
-        self._output_names = [o.name for o in self.outputs]
+        self._output_names = [self._names[o.name] for o in self.outputs]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.name, self.inputs, feed)
-        return dict(zip(self._output_names, self._session.run(self._output_names, feed)))
+        graph_feed = {}
+        for name, value in feed.items():
+            if name in self._scalars:
+                if value.size and not (value == value.flat[0]).all():
+                    raise InputError(
+                        f"{self.name} input {name!r}: this graph takes one value for the whole batch, got {value}"
+                    )
+                value = value.reshape(-1)[:1].reshape(())
+            graph_feed[self._names[name]] = value
+        outs = self._session.run(self._output_names, graph_feed)
+        return {o.name: out for o, out in zip(self.outputs, outs)}
 
     def close(self) -> None:
         self._session = None

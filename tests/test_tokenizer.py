@@ -75,3 +75,20 @@ def test_tokenizer_json_only_layout_exports_the_same_ids(tiny_model, tmp_path, r
     ours = ClipTokenizer(out / "tokenizer" / "tokenizer.json", info.max_length, info.pad_token_id)
     assert info.max_length == 77
     np.testing.assert_array_equal(ours(PROMPTS), reference_ids(reference, PROMPTS))
+
+
+def test_classic_vocab_and_merges_layout_without_transformers(tiny_model, reference):
+    """Foreign ONNX folders (optimum's) ship vocab.json + merges.txt: the runtime builds CLIP's BPE itself."""
+    assert not (tiny_model / "tokenizer" / "tokenizer.json").exists()
+    ours = ClipTokenizer.from_tokenizer_dir(tiny_model / "tokenizer", 77)
+    assert ours.pad_token_id == reference.pad_token_id
+    np.testing.assert_array_equal(ours(PROMPTS), reference_ids(reference, PROMPTS))
+
+
+def test_missing_tokenizer_files_are_named(tmp_path):
+    from sdrt.runtime import ArtifactError
+
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"expected tokenizer.json, or vocab.json and merges.txt.*\['vocab.json'\]"):
+        ClipTokenizer.from_tokenizer_dir(tmp_path / "tokenizer", 77)

@@ -1,0 +1,157 @@
+"""ONNX folders written by other tools, read as sdrt artifacts.
+
+``optimum-cli export onnx --task text-to-image`` writes ``text_encoder/model.onnx``,
+``unet/model.onnx``, ``vae_decoder/model.onnx``, ``vae_encoder/model.onnx`` beside each part's
+``config.json``, the tokenizer (``vocab.json`` + ``merges.txt``) and the scheduler config. Its graphs
+compute what ours do with other tensor names (``latent_sample`` -> ``sample`` for the VAE decoder)
+and a scalar ``timestep``. This module describes such a folder as a :class:`Manifest` whose
+components carry the name mapping, so the pipeline and the sessions run it unchanged.
+
+Such a folder has no hashes to check against; its files are checked for presence and size only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdrt.runtime.errors import ArtifactError
+from sdrt.runtime.hashing import sha256_file
+from sdrt.runtime.manifest import MANIFEST_NAME, Component, FileRecord, Manifest, TensorSpec, TokenizerInfo
+
+OPTIMUM_FILES = {
+    "text_encoder": "text_encoder/model.onnx",
+    "unet": "unet/model.onnx",
+    "vae_decoder": "vae_decoder/model.onnx",
+    "vae_encoder": "vae_encoder/model.onnx",
+}
+# Our tensor name -> optimum's, per component (optimum/exporters/onnx/model_configs.py).
+OPTIMUM_NAMES = {
+    "text_encoder": {
+        "input_ids": "input_ids",
+        "last_hidden_state": "last_hidden_state",
+        "pooler_output": "pooler_output",
+    },
+    "unet": {
+        "sample": "sample",
+        "timestep": "timestep",
+        "encoder_hidden_states": "encoder_hidden_states",
+        "out_sample": "out_sample",
+    },
+    "vae_decoder": {"latent": "latent_sample", "image": "sample"},
+    "vae_encoder": {"image": "sample", "latent_parameters": "latent_parameters"},
+}
+
+
+def is_optimum_folder(root: Path) -> bool:
+    root = Path(root)
+    return not (root / MANIFEST_NAME).exists() and (root / OPTIMUM_FILES["unet"]).is_file()
+
+
+def _config(root: Path, part: str) -> dict:
+    path = root / part / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: expected the part's config.json (optimum writes one per part), got {e}") from e
+
+
+def optimum_manifest(root: Path) -> Manifest:
+    """A manifest describing an optimum ONNX export folder, with each graph's tensors checked by name."""
+    import onnx
+
+    root = Path(root)
+    missing = [f for name, f in OPTIMUM_FILES.items() if name != "vae_encoder" and not (root / f).is_file()]
+    if missing:
+        raise ArtifactError(f"{root}: expected an optimum ONNX export with {', '.join(missing)}; not found")
+    unet, vae, text = _config(root, "unet"), _config(root, "vae_decoder"), _config(root, "text_encoder")
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        raise ArtifactError(f"{root}: expected scheduler/scheduler_config.json, found none")
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    latent_multiple = 2 ** (len(unet["block_out_channels"]) - 1)
+    tok_config = root / "tokenizer" / "tokenizer_config.json"
+    text_length = int(text.get("max_position_embeddings", 77))
+    if tok_config.is_file():
+        text_length = min(text_length, int(json.loads(tok_config.read_text()).get("model_max_length", text_length)))
+    c, n = int(unet["in_channels"]), text_length
+    latent = ["batch", c, "latent_height", "latent_width"]
+    image = ["batch", 3, "image_height", "image_width"]
+    hidden = int(text["hidden_size"])
+    ours = {
+        "text_encoder": (
+            [TensorSpec("input_ids", "int64", ["batch", n])],
+            [
+                TensorSpec("last_hidden_state", "float32", ["batch", n, hidden]),
+                TensorSpec("pooler_output", "float32", ["batch", hidden]),
+            ],
+        ),
+        "unet": (
+            [
+                TensorSpec("sample", "float32", latent),
+                TensorSpec("timestep", "float32", ["batch"]),
+                TensorSpec("encoder_hidden_states", "float32", ["batch", n, int(unet["cross_attention_dim"])]),
+            ],
+            [TensorSpec("out_sample", "float32", latent)],
+        ),
+        "vae_decoder": ([TensorSpec("latent", "float32", latent)], [TensorSpec("image", "float32", image)]),
+        "vae_encoder": (
+            [TensorSpec("image", "float32", image)],
+            [TensorSpec("latent_parameters", "float32", ["batch", 2 * c, "latent_height", "latent_width"])],
+        ),
+    }
+    components = {}
+    for name, rel in OPTIMUM_FILES.items():
+        path = root / rel
+        if not path.is_file():
+            continue
+        model = onnx.load(str(path), load_external_data=False)
+        graph_tensors = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+        names = OPTIMUM_NAMES[name]
+        absent = sorted(set(names.values()) - set(graph_tensors))
+        if absent:
+            raise ArtifactError(
+                f"{path}: expected optimum's tensors {sorted(names.values())}, the graph has {sorted(graph_tensors)}"
+            )
+        files = [path] + [
+            p for p in sorted(path.parent.iterdir()) if p.name.startswith("model.onnx_data") or p.suffix == ".data"
+        ]
+        scalars = [
+            ours_name for ours_name, theirs in names.items() if not graph_tensors[theirs].type.tensor_type.shape.dim
+        ]
+        inputs, outputs = ours[name]
+        components[name] = Component(
+            name=name,
+            files=[FileRecord(p.relative_to(root).as_posix(), "", p.stat().st_size) for p in files],
+            opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+            precision=_precision(model),
+            inputs=inputs,
+            outputs=outputs,
+            graph_names={k: v for k, v in names.items() if k != v},
+            scalar_inputs=scalars,
+        )
+    family = "sd2" if int(unet["cross_attention_dim"]) == 1024 else "sd1"
+    scheduler_config = json.loads(scheduler.read_text())
+    return Manifest(
+        sdrt_version="",
+        source={"format": "optimum", "path": str(root), "scheduler_sha256": sha256_file(scheduler)},
+        family=family,
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        vae_scale_factor=vae_scale,
+        latent_channels=c,
+        text_length=text_length,
+        spatial_multiple=vae_scale * latent_multiple,
+        default_height=int(unet["sample_size"]) * vae_scale,
+        default_width=int(unet["sample_size"]) * vae_scale,
+        tokenizers={"tokenizer": TokenizerInfo(path="tokenizer", max_length=text_length, pad_token_id=None)},
+        scheduler_config="scheduler/scheduler_config.json",
+        components=components,
+    )
+
+
+def _precision(model) -> str:
+    import onnx
+
+    types = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
+    return "fp16" if onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types else "fp32"

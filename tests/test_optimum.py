@@ -1,0 +1,68 @@
+"""Interop: an ONNX folder exported by optimum (`optimum-cli export onnx --task text-to-image`) from the
+tiny model runs in the sdrt runtime and gives diffusers' image.
+
+optimum pins transformers < 4.58 and diffusers 0.39, so it lives in its own environment; `make test`
+builds the folder with it (`make models/tiny-sd-optimum`). Run directly, point SDRT_OPTIMUM_FOLDER at it.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.runtime import Manifest, Pipeline
+
+FOLDER = Path(os.environ.get("SDRT_OPTIMUM_FOLDER", Path(__file__).parents[1] / "models" / "tiny-sd-optimum"))
+
+pytestmark = pytest.mark.skipif(
+    not (FOLDER / "unet" / "model.onnx").is_file(),
+    reason=f"no optimum export at {FOLDER} (build it with `make models/tiny-sd-optimum`; `make test` does)",
+)
+
+
+def test_optimum_folder_reads_as_a_manifest():
+    m = Manifest.load(FOLDER)
+    assert m.source["format"] == "optimum" and m.family == "sd1"
+    assert (m.vae_scale_factor, m.latent_channels, m.text_length, m.spatial_multiple) == (8, 4, 77, 16)
+    assert m.components["vae_decoder"].graph_names == {"latent": "latent_sample", "image": "sample"}
+    assert m.components["unet"].scalar_inputs == ["timestep"]  # optimum's UNet takes one timestep
+    assert all(c.precision == "fp32" for c in m.components.values())
+
+
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (2, 96, 64)])
+def test_optimum_folder_generates_diffusers_image(diffusers_pipeline, batch, height, width):
+    import torch
+
+    prompts = ["a photograph of an astronaut riding a horse", "a bowl of fruit, oil painting"][:batch]
+    latents = np.random.default_rng(batch).standard_normal((batch, 4, height // 8, width // 8)).astype(np.float32)
+    want = diffusers_pipeline(
+        prompts,
+        negative_prompt=["blurry"] * batch,
+        height=height,
+        width=width,
+        num_inference_steps=8,
+        guidance_scale=7.5,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    want = (want * 255).round().astype(np.uint8)
+    with Pipeline.load(FOLDER) as pipe:
+        got = pipe(
+            prompts, negative_prompt="blurry", height=height, width=width, num_inference_steps=8, latents=latents
+        ).images
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_per_image_timesteps_are_refused_by_a_scalar_timestep_graph():
+    from sdrt.runtime import InputError
+
+    with Pipeline.load(FOLDER) as pipe:
+        unet = pipe.sessions["unet"]
+        feed = {
+            "sample": np.zeros((2, 4, 8, 8), np.float32),
+            "timestep": np.array([1.0, 2.0], np.float32),
+            "encoder_hidden_states": np.zeros((2, 77, 32), np.float32),
+        }
+        with pytest.raises(InputError, match="one value for the whole batch"):
+            unet.run(feed)
