@@ -18,7 +18,10 @@ else
   NAME ?= $(notdir $(patsubst %/,%,$(MODEL)))
   SOURCE := $(MODEL)
 endif
-ARTIFACTS ?= artifacts/$(NAME)
+# fp32 or fp16 graphs (fp16 keeps float32 inputs/outputs and the parts known to overflow in fp32).
+PRECISION ?= fp32
+ARTIFACTS ?= artifacts/$(NAME)$(if $(filter fp32,$(PRECISION)),,-$(PRECISION))
+EXPORT_ARGS ?=
 PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 20
 SEED ?= 0
@@ -59,7 +62,7 @@ models/sd15-random/$(MARKER): $(VENV)/.installed FORCE
 # Export always asks sdrt, which compares content hashes and does nothing when inputs are unchanged;
 # the sample image is remade only when the manifest changed.
 engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd/$(MARKER))
-	$(SDRT) export --model $(SOURCE) --out $(ARTIFACTS)
+	$(SDRT) export --model $(SOURCE) --out $(ARTIFACTS) --precision $(PRECISION) $(EXPORT_ARGS)
 	@$(MAKE) --no-print-directory $(ARTIFACTS).png
 
 $(ARTIFACTS).png: $(ARTIFACTS)/manifest.json

@@ -192,6 +192,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     path = root / "onnx" / f"{name}.onnx"
     t0 = time.perf_counter()
     export_onnx(spec, module, trace, path, options.opset)
+    graph.release_memory()
     steps = [{"step": "export", "tool": f"torch.onnx (dynamo) {torch_version()}", **_stats_now(path, t0)}]
     log.info(
         "    export: %d nodes, %.1f MB in %.1f s",
@@ -213,6 +214,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
         t0 = time.perf_counter()
         other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng)
         verification = verify_onnx(spec, module, path, [trace, other], precision)
+        graph.release_memory()
         log.info(
             "    verify: max abs error %.2e, PSNR %.1f dB at 2 shapes in %.1f s",
             verification["max_abs_error"],

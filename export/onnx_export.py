@@ -101,7 +101,11 @@ def verify_onnx(
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # Pre-packed copies of the weights would add GBs for a full-size UNet, only to be run twice.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     tolerance = TOLERANCE[precision.split("+")[0]]
     checks = []
     for feed in feeds:
