@@ -179,3 +179,28 @@ def test_large_graphs_keep_weights_as_external_data(tiny_model, tmp_path, monkey
     assert result["passed"] and sorted(p.name for p in tmp_path.rglob("*")) == sorted(
         ["onnx", "vae_decoder.onnx", "vae_decoder.onnx.data"]
     )
+
+
+def test_verification_fails_clearly_when_the_graph_differs(tiny_model, tiny_artifacts):
+    """A graph that does not compute the module's function is caught, with the figures in the message."""
+    import numpy as np
+    import torch
+
+    from sdrt.export import onnx_export
+    from sdrt.export.modules import load_pipeline
+    from sdrt.export.specs import component_specs, sizes
+
+    pipe = load_pipeline(tiny_model)
+    spec = component_specs(pipe.dims)["vae_decoder"]
+    feed = spec.sample(sizes(pipe.dims, 1, 4, 4), np.random.default_rng(0))
+    module = pipe.module("vae_decoder")
+
+    class Shifted(torch.nn.Module):  # PyTorch says one thing, the exported graph computed another
+        def forward(self, latent):
+            return module(latent) + 0.01
+
+    path = tiny_artifacts / Manifest.load(tiny_artifacts).components["vae_decoder"].path
+    with pytest.raises(ExportError, match=r"vae_decoder: fp32 ONNX output 'image' differs from PyTorch by 0\.01.*PSNR"):
+        onnx_export.verify_onnx(spec, Shifted(), path, [feed])
+    # the same difference is within fp16's tolerance, as it should be for a half-precision graph
+    assert onnx_export.verify_onnx(spec, Shifted(), path, [feed], "fp16")["passed"]
