@@ -22,6 +22,13 @@ endif
 PRECISION ?= fp32
 ARTIFACTS ?= artifacts/$(NAME)$(if $(filter fp32,$(PRECISION)),,-$(PRECISION))
 EXPORT_ARGS ?=
+# TensorRT engine profile (NVIDIA machines; skipped with a message elsewhere): images per call and
+# image sizes in pixels, each N or MIN:OPT:MAX. The UNet's batch is doubled for guidance.
+TRT_BATCH ?= 1:1:4
+TRT_HEIGHT ?= 256:512:1024
+TRT_WIDTH ?= 256:512:1024
+TRT_PRECISION ?= fp16
+ENGINE_ARGS ?=
 PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 20
 SEED ?= 0
@@ -35,7 +42,7 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate test test-slow lint clean distclean venv sd15-random FORCE
+.PHONY: engines generate test test-slow test-gpu typecheck lint clean distclean venv sd15-random FORCE
 
 venv: $(VENV)/.installed
 
@@ -63,6 +70,8 @@ models/sd15-random/$(MARKER): $(VENV)/.installed FORCE
 # the sample image is remade only when the manifest changed.
 engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd/$(MARKER))
 	$(SDRT) export --model $(SOURCE) --out $(ARTIFACTS) --precision $(PRECISION) $(EXPORT_ARGS)
+	$(SDRT) engines --artifacts $(ARTIFACTS) --batch $(TRT_BATCH) --height $(TRT_HEIGHT) --width $(TRT_WIDTH) \
+	  --precision $(TRT_PRECISION) $(ENGINE_ARGS)
 	@$(MAKE) --no-print-directory $(ARTIFACTS).png
 
 $(ARTIFACTS).png: $(ARTIFACTS)/manifest.json
@@ -86,16 +95,30 @@ models/tiny-sd-optimum: models/tiny-sd/$(MARKER) $(OPTIMUM_VENV)/.installed
 
 test: $(VENV)/.installed models/tiny-sd-optimum
 	$(BIN)/ruff check export runtime benchmarks tests
+	@$(MAKE) --no-print-directory typecheck
 	SDRT_OPTIMUM_FOLDER=models/tiny-sd-optimum $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# On an NVIDIA machine with `pip install -e '.[gpu]'` in the venv: engines for the tiny model,
+# checked against onnxruntime. Elsewhere every test is skipped with the reason.
+test-gpu: $(VENV)/.installed
+	$(BIN)/python -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+# mypy over the TensorRT path (it cannot run without a GPU, so it is at least type-checked). The
+# symlinks give mypy the sdrt.* names the package-dir mapping gives Python.
+typecheck: $(VENV)/.installed
+	@mkdir -p build/typecheck/sdrt
+	@ln -sfn $(CURDIR)/runtime build/typecheck/sdrt/runtime
+	@ln -sfn $(CURDIR)/export build/typecheck/sdrt/export
+	$(BIN)/mypy
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check export runtime benchmarks tests
 
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache build
 
 distclean: clean
 	rm -rf $(VENV) $(OPTIMUM_VENV) models

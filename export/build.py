@@ -23,6 +23,7 @@ from sdrt.export.atomic import atomic_directory
 from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, source_files
 from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
 from sdrt.export.specs import COMPONENTS, component_specs, sizes
+from sdrt.runtime.engine_cache import ENGINES_DIR
 from sdrt.runtime.errors import ArtifactError, ExportError
 from sdrt.runtime.hashing import sha256_file
 from sdrt.runtime.manifest import Component, FileRecord, Manifest, TokenizerInfo
@@ -30,6 +31,9 @@ from sdrt.runtime.manifest import Component, FileRecord, Manifest, TokenizerInfo
 log = logging.getLogger(__name__)
 
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxslim")
+
+# The modules whose code decides what the artifacts contain (not the CLI or the engine builder).
+ARTIFACT_CODE = ("build.py", "graph.py", "modules.py", "onnx_export.py", "specs.py")
 
 PRECISIONS = ("fp32", "fp16")
 # Per-component precisions: fp16 everywhere, except the parts known to overflow in fp16.
@@ -107,7 +111,8 @@ def input_fingerprint(source: Path, options: ExportOptions) -> str:
     h = hashlib.sha256()
     for path in source_files(source):
         h.update(f"{path.relative_to(source).as_posix()}\0{sha256_file(path)}\n".encode())
-    code = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
+    here = Path(__file__).parent
+    code = {name: sha256_file(here / name) for name in ARTIFACT_CODE}
     h.update(
         json.dumps({"options": options.__dict__, "versions": tool_versions(), "code": code}, sort_keys=True).encode()
     )
@@ -174,11 +179,28 @@ def export_pipeline(
         tokenizer = _write_tokenizer(pipe, tmp)
         (tmp / "scheduler").mkdir()
         shutil.copyfile(source / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        _carry_engines(out_dir, tmp)
         manifest = _manifest(pipe, model, revision, components, tokenizer, options, fingerprint, seconds)
         manifest.build["seconds"]["total"] = time.perf_counter() - started
         manifest.save(tmp)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - started)
     return ExportReport(manifest, built=True, seconds=seconds)
+
+
+def _carry_engines(out_dir: Path, tmp: Path) -> None:
+    """Keep the TensorRT engines of the directory being replaced (hard links: no copy, and the old
+    directory stays intact until the rename). `sdrt engines` then rebuilds only those whose ONNX
+    source changed, by fingerprint."""
+    import os
+
+    old = out_dir / ENGINES_DIR
+    if old.is_dir():
+        try:
+            shutil.copytree(old, tmp / ENGINES_DIR, copy_function=os.link)
+        except OSError:  # another file system, or no hard links: copy
+            shutil.rmtree(tmp / ENGINES_DIR, ignore_errors=True)
+            shutil.copytree(old, tmp / ENGINES_DIR)
+        log.info("kept %s (engines are rebuilt by `sdrt engines` only where the ONNX changed)", old)
 
 
 def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: ExportOptions) -> Component:

@@ -115,3 +115,76 @@ def _random_model(args: argparse.Namespace) -> int:
     write_random_model(args.out, preset=args.preset, seed=args.seed)
     print(f"wrote random-weight {args.preset} pipeline to {args.out}")
     return 0
+
+
+def register_engines(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "engines",
+        help="build TensorRT engines for this GPU from an artifact directory (skipped without one)",
+        description=(
+            "Build one TensorRT engine per component from the artifacts' ONNX graphs, with one optimization "
+            "profile from the batch and image-size ranges below, into engines/<device-key>/ (GPU name, compute "
+            "capability, TensorRT version, precision). Engines already built from the same ONNX, profile and "
+            "options are kept; the others are rebuilt, with the reason. On a machine without an NVIDIA GPU or "
+            "without tensorrt this prints the profiles and one line saying why no engine was built, and exits 0."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--artifacts", type=Path, required=True, help="artifact directory written by `sdrt export`")
+    p.add_argument("--batch", default="1:1:4", help="images per call, N or MIN:OPT:MAX (the UNet's is doubled for CFG)")
+    p.add_argument("--height", default="256:512:1024", help="image height in pixels, N or MIN:OPT:MAX")
+    p.add_argument("--width", default="256:512:1024", help="image width in pixels, N or MIN:OPT:MAX")
+    p.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="engine precision")
+    p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level, 0..5")
+    p.add_argument(
+        "--workspace-gb", type=float, default=None, help="builder workspace limit in GiB (default: TensorRT's)"
+    )
+    p.add_argument("--components", nargs="+", default=None, help="components to build (default: all exported)")
+    p.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (default: in the device folder)")
+    p.add_argument("--force", action="store_true", help="rebuild even the engines that are up to date")
+    p.add_argument(
+        "--require", action="store_true", help="fail (exit 1) instead of skipping when TensorRT is unavailable"
+    )
+    p.set_defaults(func=_engines)
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from sdrt.export.engines import ENGINE_COMPONENTS, EngineOptions, build_engines
+    from sdrt.runtime.errors import BackendError
+    from sdrt.runtime.manifest import Manifest
+    from sdrt.runtime.profiles import Range, ShapeRanges, input_profile
+    from sdrt.runtime.tensorrt_backend import current_device
+
+    ranges = ShapeRanges(
+        Range.parse(args.batch, "--batch"), Range.parse(args.height, "--height"), Range.parse(args.width, "--width")
+    )
+    options = EngineOptions(
+        ranges=ranges,
+        precision=args.precision,
+        optimization_level=args.optimization_level,
+        workspace_bytes=None if args.workspace_gb is None else int(args.workspace_gb * 2**30),
+        components=tuple(args.components or ENGINE_COMPONENTS),
+        timing_cache=args.timing_cache,
+    )
+    manifest = Manifest.load(args.artifacts)
+    print(
+        f"shape profiles ({'static' if ranges.is_static else 'dynamic'}: batch {ranges.batch}, "
+        f"height {ranges.height}, width {ranges.width}):"
+    )
+    for name in options.components:
+        if name in manifest.components:
+            for tensor, (lo, opt, hi) in input_profile(manifest.components[name], manifest, ranges).items():
+                print(f"  {name:13s} {tensor:22s} min {lo}  opt {opt}  max {hi}")
+    try:
+        device = current_device()
+    except BackendError as e:
+        line = f"TensorRT engines skipped: {e}. The ONNX artifacts in {args.artifacts} run with --backend onnxruntime."
+        print(line)
+        return 1 if args.require else 0
+    report = build_engines(args.artifacts, device, options, force=args.force)
+    kept = [p.component for p in report.plans if p.component not in report.built]
+    print(
+        f"engines for {device.name} (sm{device.compute_capability[0]}{device.compute_capability[1]}, TensorRT "
+        f"{device.tensorrt_version}) in {report.folder}: built {report.built or 'none'}, up to date {kept or 'none'}"
+    )
+    return 0

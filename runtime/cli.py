@@ -55,6 +55,11 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per session (0: onnxruntime's default)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="tensorrt backend with static-shape engines: capture the UNet's launch once as a CUDA graph and replay it",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the artifacts at load time")
     p.set_defaults(func=_generate)
 
@@ -67,7 +72,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with Pipeline.load(
-        args.artifacts, backend=args.backend, verify_hashes=not args.no_verify, threads=args.threads
+        args.artifacts,
+        backend=args.backend,
+        verify_hashes=not args.no_verify,
+        threads=args.threads,
+        cuda_graph=args.cuda_graph,
     ) as pipe:
         load_s = time.perf_counter() - t0
         result = pipe(

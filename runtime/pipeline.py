@@ -69,12 +69,16 @@ class Pipeline:
         scheduler: str | None = None,
         verify_hashes: bool = True,
         threads: int = 0,
+        cuda_graph: bool = False,
     ) -> Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first)."""
         root = Path(artifacts)
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
         wanted = ("text_encoder", "unet", "vae_decoder")
-        sessions = {name: open_session(root, manifest.components[name], backend, threads) for name in wanted}
+        sessions = {
+            name: open_session(root, manifest.components[name], backend, threads, cuda_graph and name == "unet")
+            for name in wanted
+        }
         return cls(root, manifest, sessions, backend, scheduler)
 
     def close(self) -> None:

@@ -60,6 +60,23 @@ def check_feed(component: str, specs: list[TensorSpec], feed: dict[str, np.ndarr
     return bound
 
 
+def to_graph_feed(
+    component: str, names: dict[str, str], scalars: set[str] | list[str], feed: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Our tensor names -> the graph's (for graphs exported by other tools), with per-row inputs the
+    graph takes as one scalar (optimum's UNet timestep) collapsed after checking the rows agree."""
+    graph_feed = {}
+    for name, value in feed.items():
+        if name in scalars:
+            if value.size and not (value == value.flat[0]).all():
+                raise InputError(
+                    f"{component} input {name!r}: this graph takes one value for the whole batch, got {value}"
+                )
+            value = value.reshape(-1)[:1].reshape(())
+        graph_feed[names.get(name, name)] = value
+    return graph_feed
+
+
 class OrtSession:
     """An onnxruntime ``InferenceSession`` on the providers a backend name selects."""
 
@@ -94,15 +111,7 @@ class OrtSession:
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.name, self.inputs, feed)
-        graph_feed = {}
-        for name, value in feed.items():
-            if name in self._scalars:
-                if value.size and not (value == value.flat[0]).all():
-                    raise InputError(
-                        f"{self.name} input {name!r}: this graph takes one value for the whole batch, got {value}"
-                    )
-                value = value.reshape(-1)[:1].reshape(())
-            graph_feed[self._names[name]] = value
+        graph_feed = to_graph_feed(self.name, self._names, self._scalars, feed)
         outs = self._session.run(self._output_names, graph_feed)
         return {o.name: out for o, out in zip(self.outputs, outs)}
 
@@ -110,12 +119,20 @@ class OrtSession:
         self._session = None
 
 
-def open_session(root: Path, component: Component, backend: str, threads: int = 0) -> Session:
+def open_session(root: Path, component: Component, backend: str, threads: int = 0, cuda_graph: bool = False) -> Session:
+    """A session for ``component`` on ``backend``. ``cuda_graph`` (tensorrt, static-shape engines
+    only) replays the engine's launch as a captured CUDA graph."""
     if backend in ORT_PROVIDERS:
         return OrtSession(root, component, backend, threads)
     if backend == "tensorrt":
-        raise BackendError(
-            "backend 'tensorrt': the native TensorRT backend is not available in this build of sdrt "
-            "(use backend='onnxruntime', or 'onnxruntime-tensorrt' with onnxruntime-gpu on an NVIDIA GPU)"
-        )
+        from sdrt.runtime.tensorrt_backend import TensorRTSession, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise BackendError(
+                f"backend 'tensorrt' is not available on this machine: {reason}. Use backend='onnxruntime' "
+                "(--backend onnxruntime) to run the same artifacts on the CPU, or 'onnxruntime-cuda' with "
+                "onnxruntime-gpu on an NVIDIA GPU"
+            )
+        return TensorRTSession(root, component, use_cuda_graph=cuda_graph)
     raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")

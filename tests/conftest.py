@@ -18,13 +18,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _gpu_skip_reason() -> str | None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "no CUDA: this machine has no NVIDIA GPU (or onnxruntime-gpu is not installed)"
-    return None
+    """Why GPU tests cannot run here (they need an NVIDIA GPU, TensorRT and cuda-python), or None."""
+    from sdrt.runtime.tensorrt_backend import unavailable_reason
+
+    reason = unavailable_reason()
+    return f"needs an NVIDIA GPU with TensorRT: {reason}" if reason else None
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ def sdrt(*args):
     return subprocess.run([sys.executable, "-m", "sdrt.runtime", *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("command", ["generate", "export", "random-model"])
+@pytest.mark.parametrize("command", ["generate", "export", "random-model", "engines"])
 def test_help_documents_every_option(command):
     import argparse
 

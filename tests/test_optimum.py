@@ -66,3 +66,28 @@ def test_per_image_timesteps_are_refused_by_a_scalar_timestep_graph():
         }
         with pytest.raises(InputError, match="one value for the whole batch"):
             unet.run(feed)
+
+
+def test_engine_plan_for_an_optimum_folder_uses_its_tensor_names():
+    """The engine builder reads optimum folders too: profiles carry the graph's own tensor names and
+    the UNet's scalar timestep, and the ONNX fingerprint is hashed from the files (no manifest)."""
+    from sdrt.export.engines import EngineOptions, loader_chain, plan_engines
+    from sdrt.runtime.engine_cache import DeviceInfo, onnx_fingerprint
+    from sdrt.runtime.hashing import sha256_file
+    from sdrt.runtime.profiles import Range, ShapeRanges
+
+    m = Manifest.load(FOLDER)
+    ranges = ShapeRanges(Range(1, 1, 2), Range(64, 128, 256), Range(64, 128, 256))
+    device = DeviceInfo("NVIDIA L4", (8, 9), "10.13.0.35")
+    plans = {p.component: p for p in plan_engines(FOLDER, m, device, EngineOptions(ranges=ranges)).plans}
+    assert plans["vae_decoder"].profile == {"latent_sample": [[1, 4, 8, 8], [1, 4, 16, 16], [2, 4, 32, 32]]}
+    assert plans["vae_decoder"].output_max == {"sample": [2, 3, 256, 256]}
+    assert plans["unet"].profile["timestep"] == [[], [], []]
+    assert plans["unet"].profile["sample"] == [[1, 4, 8, 8], [2, 4, 16, 16], [4, 4, 32, 32]]
+    import hashlib
+
+    expected = hashlib.sha256(f"unet/model.onnx\0{sha256_file(FOLDER / 'unet' / 'model.onnx')}\n".encode()).hexdigest()
+    assert plans["unet"].onnx_print == onnx_fingerprint(FOLDER, m.components["unet"]) == expected
+    chain = loader_chain(plans["unet"].onnx_path, plans["unet"].profile, plans["unet"].build, FOLDER / "t.cache")
+    (profile,) = chain._config.profiles
+    assert sorted(profile.keys()) == ["encoder_hidden_states", "sample", "timestep"]
