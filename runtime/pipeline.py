@@ -18,6 +18,8 @@ from sdrt.runtime import schedulers
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.ort_tensorrt import provider_options
+from sdrt.runtime.profiles import ShapeRanges
 from sdrt.runtime.rng import PrefetchingNoise, make_generator
 from sdrt.runtime.session import Session, open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
@@ -70,15 +72,20 @@ class Pipeline:
         verify_hashes: bool = True,
         threads: int = 0,
         cuda_graph: bool = False,
+        trt_ranges: ShapeRanges | None = None,
     ) -> Pipeline:
-        """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first)."""
+        """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
+        or an optimum ONNX export. ``trt_ranges``: the shape ranges onnxruntime's TensorRT provider
+        builds its engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px)."""
         root = Path(artifacts)
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
         wanted = ("text_encoder", "unet", "vae_decoder")
-        sessions = {
-            name: open_session(root, manifest.components[name], backend, threads, cuda_graph and name == "unet")
-            for name in wanted
-        }
+        sessions = {}
+        for name in wanted:
+            component, options = manifest.components[name], None
+            if backend == "onnxruntime-tensorrt":  # explicit profiles and engine caches
+                options = provider_options(root, component, manifest, trt_ranges or ShapeRanges())
+            sessions[name] = open_session(root, component, backend, threads, cuda_graph and name == "unet", options)
         return cls(root, manifest, sessions, backend, scheduler)
 
     def close(self) -> None:

@@ -80,7 +80,14 @@ def to_graph_feed(
 class OrtSession:
     """An onnxruntime ``InferenceSession`` on the providers a backend name selects."""
 
-    def __init__(self, root: Path, component: Component, backend: str = "onnxruntime", threads: int = 0):
+    def __init__(
+        self,
+        root: Path,
+        component: Component,
+        backend: str = "onnxruntime",
+        threads: int = 0,
+        provider_options: dict[str, str] | None = None,
+    ):
         import onnxruntime as ort
 
         self.name = component.name
@@ -98,6 +105,8 @@ class OrtSession:
         if threads:
             options.intra_op_num_threads = threads
         path = Path(root) / component.path
+        if provider_options:  # options for the first provider (TensorRT's profiles and caches)
+            providers = [(providers[0], provider_options), *providers[1:]]
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
         self._scalars = set(component.scalar_inputs)
@@ -119,11 +128,19 @@ class OrtSession:
         self._session = None
 
 
-def open_session(root: Path, component: Component, backend: str, threads: int = 0, cuda_graph: bool = False) -> Session:
+def open_session(
+    root: Path,
+    component: Component,
+    backend: str,
+    threads: int = 0,
+    cuda_graph: bool = False,
+    provider_options: dict[str, str] | None = None,
+) -> Session:
     """A session for ``component`` on ``backend``. ``cuda_graph`` (tensorrt, static-shape engines
-    only) replays the engine's launch as a captured CUDA graph."""
+    only) replays the engine's launch as a captured CUDA graph; ``provider_options`` go to the
+    first onnxruntime provider (see ``ort_tensorrt.provider_options``)."""
     if backend in ORT_PROVIDERS:
-        return OrtSession(root, component, backend, threads)
+        return OrtSession(root, component, backend, threads, provider_options)
     if backend == "tensorrt":
         from sdrt.runtime.tensorrt_backend import TensorRTSession, unavailable_reason
 

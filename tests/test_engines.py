@@ -293,3 +293,18 @@ def test_device_query_reports_every_reason_without_a_gpu():
     message = str(e.value)
     assert "tensorrt is not installed" in message or "no TensorRT library" in message
     assert "no CUDA device (cudaGetDeviceCount: " in message  # the driver's own error, e.g. InsufficientDriver
+
+
+def test_onnxruntime_tensorrt_provider_gets_the_same_profiles(tiny_artifacts):
+    """The second route (onnxruntime's TensorRT provider) is given explicit profiles from the same
+    translation, and engine/timing caches beside sdrt's engines."""
+    from sdrt.runtime.ort_tensorrt import provider_options
+
+    m = Manifest.load(tiny_artifacts, verify_hashes=False)
+    n, d = m.text_length, m.components["unet"].inputs[2].shape[2]
+    options = provider_options(tiny_artifacts, m.components["unet"], m, RANGES)
+    assert options["trt_profile_min_shapes"] == f"encoder_hidden_states:1x{n}x{d},sample:1x4x32x32,timestep:1"
+    assert options["trt_profile_opt_shapes"] == f"encoder_hidden_states:4x{n}x{d},sample:4x4x64x64,timestep:4"
+    assert options["trt_profile_max_shapes"] == f"encoder_hidden_states:8x{n}x{d},sample:8x4x96x128,timestep:8"
+    assert options["trt_engine_cache_enable"] == "True" and options["trt_timing_cache_enable"] == "True"
+    assert options["trt_engine_cache_path"] == str(tiny_artifacts / "engines" / "onnxruntime-tensorrt")
