@@ -30,7 +30,7 @@ from sdrt.runtime.engine_cache import (
     profile_as_lists,
     stale_reason,
 )
-from sdrt.runtime.errors import ExportError
+from sdrt.runtime.errors import ArtifactError, ExportError
 from sdrt.runtime.hashing import sha256_file
 from sdrt.runtime.manifest import Component, Manifest
 from sdrt.runtime.profiles import ShapeRanges, input_profile, output_max_shapes
@@ -136,7 +136,9 @@ def plan_engines(root: Path, manifest: Manifest, device: DeviceInfo, options: En
     folder = Path(root) / ENGINES_DIR / key
     try:
         existing = EngineManifest.load(folder).engines
-    except Exception:  # no folder yet, or an unreadable one: everything gets built
+    except ArtifactError as e:  # no folder yet, or an unreadable one: everything gets built
+        if folder.exists():
+            log.info("%s", e)
         existing = {}
     plans = []
     for name in options.components:
@@ -164,7 +166,7 @@ def build_engines(root: Path, device: DeviceInfo, options: EngineOptions, force:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         engines = EngineManifest.load(folder)
-    except Exception:
+    except ArtifactError:
         engines = EngineManifest(report.device_key, device)
     timing_cache = options.timing_cache or folder / engines.timing_cache
     todo = [p for p in report.plans if force or p.reason]
