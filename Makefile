@@ -42,14 +42,14 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate test test-slow test-gpu typecheck lint clean distclean venv sd15-random FORCE
+.PHONY: engines generate bench bench-report test test-slow test-gpu typecheck lint clean distclean venv sd15-random FORCE
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[export,dev]"
+	$(BIN)/pip install --quiet -e ".[export,bench,dev]"
 	$(BIN)/pip install --quiet --no-deps $(OPEN_CLIP)
 	touch $@
 
@@ -92,6 +92,18 @@ models/tiny-sd-optimum: models/tiny-sd/$(MARKER) $(OPTIMUM_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(OPTIMUM_VENV)/bin/optimum-cli export onnx --model models/tiny-sd --task text-to-image $@.partial > $@.log 2>&1 \
 	  || { tail -20 $@.log; exit 1; }
 	rm -rf $@ && mv $@.partial $@
+
+# Latency per component, per step and end to end, beside diffusers/PyTorch; rows go to
+# benchmarks/results/<device>.jsonl. SD 1.5-sized, random weights (builds and exports it when missing):
+#   make bench ARTIFACTS=artifacts/sd15-random BENCH_ARGS="--random-weights --sizes 256x256 512x512 --steps 10 --runs 3"
+BENCH_ARGS ?= --batches 1 2 --sizes 256x256 --steps 20 --runs 5
+bench: $(VENV)/.installed
+	$(SDRT) bench --artifacts $(ARTIFACTS) $(BENCH_ARGS)
+
+# Merge result files (from many machines) into benchmarks/report/report.md and report.png.
+RESULTS ?= $(wildcard benchmarks/results/*.jsonl)
+bench-report: $(VENV)/.installed
+	$(SDRT) bench report $(RESULTS) --out benchmarks/report
 
 test: $(VENV)/.installed models/tiny-sd-optimum
 	$(BIN)/ruff check export runtime benchmarks tests

@@ -181,7 +181,7 @@ class Pipeline:
             embeds = np.concatenate([uncond, cond])
         timings["text_encoder"] = time.perf_counter() - t0
 
-        unet, step_times, sched_time = self.sessions["unet"], [], 0.0
+        unet, step_times, unet_times, sched_times, scheduler_times = self.sessions["unet"], [], [], [], []
         # Stochastic samplers' noise is drawn one step ahead, during the UNet call.
         with PrefetchingNoise(generator) as noise:
             for i, t in enumerate(run.timesteps):
@@ -196,15 +196,21 @@ class Pipeline:
                 if guided:
                     uncond_pred, text_pred = np.split(noise_pred, 2)
                     noise_pred = uncond_pred + np.float32(guidance_scale) * (text_pred - uncond_pred)
+                t_sched = time.perf_counter()
                 latents = run.step(noise_pred, i, latents, noise=noise)
                 t3 = time.perf_counter()
                 step_times.append(t3 - t0)
-                sched_time += (t1 - t0) + (t3 - t2)
+                unet_times.append(t2 - t1)
+                sched_times.append((t1 - t0) + (t3 - t2))
+                scheduler_times.append(t3 - t_sched)
                 if callback is not None:
                     callback(i + 1, len(run.timesteps))
-        timings["unet_steps"] = step_times
+        timings["unet_steps"] = step_times  # wall time of each whole step
+        timings["unet_calls"] = unet_times  # of which the UNet engine call
+        timings["step_overhead"] = sched_times  # and the rest: input scaling, guidance, scheduler step
+        timings["scheduler_steps"] = scheduler_times  # of which the scheduler's step alone
         timings["denoise"] = sum(step_times)
-        timings["scheduler_and_guidance"] = sched_time
+        timings["scheduler_and_guidance"] = sum(sched_times)
 
         t0 = time.perf_counter()
         images = to_uint8(self.decode(latents))

@@ -1,0 +1,119 @@
+"""``sdrt bench`` (measure) and ``sdrt bench report`` (merge result files into a table and a chart)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sdrt.runtime.errors import InputError
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels such as 512x512, got {text!r}")
+    return int(h), int(w)
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure latency per component, per step and end to end, beside diffusers; or merge results",
+        description=(
+            "`sdrt bench --artifacts DIR`: for every backend available here and every batch, size and step count, "
+            "run the sdrt pipeline and diffusers' StableDiffusionPipeline (PyTorch, same folder, latents, scheduler "
+            "and threads) in interleaved pairs after warming up until steady; print a table and append "
+            "self-describing rows to benchmarks/results/<device>.jsonl. "
+            "`sdrt bench report FILE...`: merge result files from many machines into report.md and report.png."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("action", nargs="?", default="run", choices=("run", "report"), help="measure, or report on files")
+    p.add_argument("files", nargs="*", type=Path, help="report: result files (.jsonl) to merge")
+    p.add_argument("--artifacts", type=Path, default=None, help="run: artifact directory (default: artifacts/tiny-sd)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="run: benchmark SD 1.5's full architecture with random weights (models/sd15-random, "
+        "exported to artifacts/sd15-random when missing; no download)",
+    )
+    p.add_argument("--backends", nargs="+", default=None, help="run: backends to measure (default: all available here)")
+    p.add_argument("--batches", nargs="+", type=int, default=[1], help="run: images per call")
+    p.add_argument("--sizes", nargs="+", type=_size, default=[(256, 256)], help="run: image sizes, HEIGHTxWIDTH")
+    p.add_argument("--steps", nargs="+", type=int, default=[20], help="run: denoising steps")
+    p.add_argument("--runs", type=int, default=5, help="run: timed runs (pairs) per case")
+    p.add_argument("--warmups", type=int, default=2, help="run: least warm-up runs (more until two agree within 5%%)")
+    p.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="run: classifier-free guidance (doubles the UNet batch)"
+    )
+    p.add_argument("--scheduler", default=None, help="run: scheduler override for both implementations")
+    p.add_argument("--threads", type=int, default=0, help="run: CPU threads for both (0: all cores available)")
+    p.add_argument("--no-baseline", action="store_true", help="run: skip diffusers")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="run: the device's peak TFLOP/s, for the fraction achieved"
+    )
+    p.add_argument(
+        "--results-dir", type=Path, default=None, help="run: where <device>.jsonl goes (default: benchmarks/results)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/report"), help="report: folder for report.md and report.png"
+    )
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.action == "report":
+        from sdrt.benchmarks.report import load_rows, markdown_table, write_report
+
+        if not args.files:
+            raise InputError("bench report: expected one or more result files (.jsonl), got none")
+        md, png, bars = write_report(args.files, args.out)
+        print(markdown_table(load_rows(args.files)))
+        print(f"wrote {md} and {png} ({bars} bars)")
+        return 0
+    if args.files:
+        raise InputError(f"bench: files are for `sdrt bench report`, got {[str(f) for f in args.files]}")
+    from sdrt.benchmarks.bench import RESULTS_DIR, BenchConfig, available_backends, run_benchmark, summary_table
+
+    artifacts = args.artifacts or Path("artifacts/tiny-sd")
+    if args.random_weights:
+        artifacts = args.artifacts or Path("artifacts/sd15-random")
+        _ensure_random_sd15(artifacts)
+    config = BenchConfig(
+        artifacts=artifacts,
+        backends=tuple(args.backends or available_backends()),
+        batches=tuple(args.batches),
+        sizes=tuple(args.sizes),
+        steps=tuple(args.steps),
+        runs=args.runs,
+        warmups=args.warmups,
+        guidance=args.guidance_scale,
+        scheduler=args.scheduler,
+        threads=args.threads,
+        baseline=not args.no_baseline,
+        peak_tflops=args.peak_tflops,
+        results_dir=args.results_dir or RESULTS_DIR,
+    )
+    rows = run_benchmark(config)
+    print(summary_table(rows))
+    return 0
+
+
+def _ensure_random_sd15(artifacts: Path) -> None:
+    from sdrt.export.build import export_pipeline
+    from sdrt.export.random_model import is_current, write_random_model
+
+    model = Path("models/sd15-random")
+    manifest = artifacts / "manifest.json"
+    if manifest.is_file():
+        source = json.loads(manifest.read_text()).get("source", {}).get("path")
+        if source and Path(source).resolve() != model.resolve():
+            raise InputError(
+                f"--random-weights: expected {artifacts} to hold the SD 1.5-shaped random model's artifacts, it holds "
+                f"{source}'s (use --artifacts artifacts/sd15-random, or `make bench ARTIFACTS=artifacts/sd15-random`)"
+            )
+    if not is_current(model, "sd15"):
+        print(f"building SD 1.5's architecture with random weights in {model} (no download)")
+        write_random_model(model, preset="sd15")
+    export_pipeline(str(model), artifacts)  # a no-op when up to date

@@ -1,0 +1,151 @@
+"""``sdrt bench report``: rows from many machines' result files -> one Markdown table and one chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdrt.runtime.errors import InputError
+
+# (metric key, column title, scale to the unit shown)
+COLUMNS = (
+    ("text_encoder_ms", "text enc ms", 1.0),
+    ("unet_step_ms", "UNet step ms", 1.0),
+    ("scheduler_step_ms", "sched ms", 1.0),
+    ("overhead_per_step_ms", "overhead/step ms", 1.0),
+    ("vae_decode_ms", "VAE dec ms", 1.0),
+    ("end_to_end_s", "end to end s", 1.0),
+)
+CHART_METRICS = (
+    ("text_encoder_ms", "text encoder (ms)"),
+    ("unet_step_ms", "UNet step (ms)"),
+    ("vae_decode_ms", "VAE decode (ms)"),
+    ("end_to_end_s", "end to end (s)"),
+)
+
+
+def load_rows(files: list[Path]) -> list[dict]:
+    rows = []
+    for path in files:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise InputError(f"report: expected a results file (.jsonl), could not read {path}: {e}") from e
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: expected one JSON row per line, got a parse error: {e}") from e
+            if row.get("schema") != 1 or "metrics" not in row:
+                raise InputError(f"{path}:{n}: expected a benchmark row of schema 1, got {str(row)[:80]!r}")
+            row["_file"] = str(path)
+            rows.append(row)
+    if not rows:
+        raise InputError(f"report: expected benchmark rows in {[str(f) for f in files]}, found none")
+    return rows
+
+
+def label(row: dict) -> str:
+    d = row["device"]
+    where = f"{d['name']} ({d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
+    impl = "diffusers/PyTorch" if row["implementation"] == "diffusers" else f"sdrt/{row['backend']}"
+    return f"{where} · {impl} · {row['precision']}"
+
+
+def case(row: dict) -> str:
+    return f"b{row['batch']} {row['height']}x{row['width']} {row['steps']} steps"
+
+
+def _cell(metric: dict | None, scale: float = 1.0) -> str:
+    if not metric or not metric.get("n"):
+        return "-"
+    return f"{metric['median'] * scale:.3g} (p90 {metric['p90'] * scale:.3g})"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = [
+        "device · implementation · precision",
+        "case",
+        *(t for _, t, _ in COLUMNS),
+        "img/s",
+        "overhead %",
+        "vs diffusers (end to end)",
+        "UNet TFLOP/s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: (case(r), label(r))):
+        m = row["metrics"]
+        ratio = row.get("ratio_to", {}).get("diffusers", {}).get("end_to_end")
+        ratio_cell = "-" if not ratio else f"{ratio['median']:.2f}x (p10 {ratio['p10']:.2f}, p90 {ratio['p90']:.2f})"
+        overhead = m.get("overhead_fraction")
+        cells = [
+            label(row),
+            case(row),
+            *(_cell(m.get(key), scale) for key, _, scale in COLUMNS),
+            f"{m['images_per_s']['median']:.3g}",
+            "-" if not overhead or not overhead.get("n") else f"{100 * overhead['median']:.2f}",
+            ratio_cell,
+            f"{row.get('unet_tflops_achieved', 0):.3g}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> int:
+    """Grouped horizontal bars, one panel per metric, one bar per row (device, implementation, case),
+    with p10-p90 whiskers. Returns the number of bars drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (case(r), label(r)))
+    names = [f"{label(r)}\n{case(r)}" for r in rows]
+    fig, axes = plt.subplots(
+        1, len(CHART_METRICS), figsize=(5 * len(CHART_METRICS), 1.0 + 0.6 * len(rows)), sharey=True
+    )
+    colors = plt.get_cmap("tab10")
+    bars = 0
+    for ax, (key, title) in zip(axes, CHART_METRICS):
+        values, lo, hi = [], [], []
+        for r in rows:
+            m = r["metrics"].get(key) or {}
+            values.append(m.get("median", 0.0))
+            lo.append(m.get("median", 0.0) - m.get("p10", 0.0))
+            hi.append(m.get("p90", 0.0) - m.get("median", 0.0))
+        drawn = ax.barh(
+            range(len(rows)), values, xerr=[lo, hi], color=[colors(i % 10) for i in range(len(rows))], capsize=3
+        )
+        bars += len(drawn)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels(names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("sdrt latency by device and implementation (median, whiskers p10-p90)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return bars
+
+
+def write_report(files: list[Path], out_dir: Path) -> tuple[Path, Path, int]:
+    rows = load_rows(files)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "report.md"
+    png = out_dir / "report.png"
+    bars = chart(rows, png)
+    md.write_text(
+        "# sdrt benchmark report\n\n"
+        f"{len(rows)} rows from {len(files)} file(s): {', '.join(str(f) for f in files)}\n\n"
+        "Milliseconds unless noted; median with p90 in brackets. Ratios are measured pair by pair "
+        "(sdrt run, then diffusers run, interleaved) and summarized as median (p10, p90).\n\n"
+        f"{markdown_table(rows)}\n\n![latency chart](report.png)\n"
+    )
+    return md, png, bars

@@ -1,0 +1,138 @@
+"""The benchmark instrument: FLOP counting against PyTorch's counter, statistics, rows, and the
+cross-machine report (table and chart) from two result files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sdrt.benchmarks.bench import BenchConfig, run_benchmark, stats
+from sdrt.benchmarks.flops import count_flops
+from sdrt.benchmarks.report import chart, load_rows, markdown_table, write_report
+from sdrt.runtime import InputError, Manifest
+
+
+def test_unet_flops_match_pytorchs_flop_counter(tiny_model, tiny_artifacts):
+    """Counted from the ONNX graph vs counted by torch.utils.flop_counter on the diffusers UNet
+    (attention through the plain processor, whose bmm/baddbmm torch counts; SDPA it does not)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+    unet.set_attn_processor(AttnProcessor())
+    m = Manifest.load(tiny_artifacts, verify_hashes=False)
+    d = m.components["unet"].inputs[2].shape[2]
+    for batch, h, w in ((2, 32, 32), (1, 16, 24)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(torch.randn(batch, 4, h, w), torch.full((batch,), 10.0), torch.randn(batch, 77, d))
+        ours = count_flops(
+            tiny_artifacts / m.components["unet"].path,
+            {"sample": (batch, 4, h, w), "timestep": (batch,), "encoder_hidden_states": (batch, 77, d)},
+        )
+        assert ours["uncounted"] == []
+        assert ours["total"] == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_stats_closed_form():
+    s = stats([float(x) for x in range(1, 11)])
+    assert (s["n"], s["median"], s["min"], s["max"], s["mean"]) == (10, 5.5, 1.0, 10.0, 5.5)
+    assert s["p10"] == pytest.approx(1.9) and s["p90"] == pytest.approx(9.1)
+    assert s["spread"] == pytest.approx((9.1 - 1.9) / 5.5)
+
+
+@pytest.fixture(scope="module")
+def two_result_files(tiny_artifacts, tmp_path_factory):
+    """Rows from two configurations, as two machines would write them: 1 thread and 2 threads."""
+    files = []
+    for threads in (1, 2):
+        out = tmp_path_factory.mktemp(f"results{threads}")
+        config = BenchConfig(
+            artifacts=tiny_artifacts, sizes=((64, 64),), steps=(3,), runs=2, warmups=1, threads=threads, results_dir=out
+        )
+        rows = run_benchmark(config, progress=lambda line: None)
+        assert [r["implementation"] for r in rows] == ["sdrt", "diffusers"]
+        (file,) = out.glob("*.jsonl")
+        files.append(file)
+    return files
+
+
+def test_rows_are_self_describing_and_consistent(two_result_files, tiny_artifacts):
+    rows = load_rows(two_result_files)
+    assert len(rows) == 4
+    ours = next(r for r in rows if r["implementation"] == "sdrt" and r["threads"] == 2)
+    for key in ("device", "versions", "model", "precision", "batch", "height", "width", "steps", "scheduler"):
+        assert key in ours
+    assert ours["device"]["kind"] == "cpu" and ours["device"]["cores"] >= 1
+    assert ours["versions"]["onnxruntime"] and ours["scheduler"] == "DDIMScheduler"
+    m = ours["metrics"]
+    assert m["unet_step_ms"]["n"] == 2 * 3  # runs x steps
+    assert m["unet_step_ms"]["median"] < m["step_wall_ms"]["median"]
+    assert 0 < m["overhead_fraction"]["median"] < 1
+    assert m["images_per_s"]["median"] == pytest.approx(1 / m["end_to_end_s"]["median"], rel=0.5)
+    # FLOPs recorded for the doubled (guided) UNet batch at this size
+    man = Manifest.load(tiny_artifacts, verify_hashes=False)
+    d = man.components["unet"].inputs[2].shape[2]
+    want = count_flops(
+        tiny_artifacts / man.components["unet"].path,
+        {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, d)},
+    )["total"]
+    assert ours["unet_flops_per_call"] == want
+    ratio = ours["ratio_to"]["diffusers"]["end_to_end"]
+    assert ratio["n"] == 2 and ratio["min"] <= ratio["median"] <= ratio["max"]
+
+
+def test_report_merges_files_into_table_and_chart(two_result_files, tmp_path):
+    from PIL import Image
+
+    md, png, bars = write_report(two_result_files, tmp_path / "report")
+    rows = load_rows(two_result_files)
+    assert bars == 4 * len(rows)  # every row drawn in each of the four panels
+    image = np.asarray(Image.open(png).convert("L"))
+    assert image.shape[0] > 200 and image.shape[1] > 800 and image.std() > 10  # a drawn chart, not a blank
+    text = md.read_text()
+    assert "1 threads" in text and "2 threads" in text and "diffusers/PyTorch" in text and "sdrt/onnxruntime" in text
+    assert text.count("| b1 64x64 3 steps |") == 4
+    assert "report.png" in text
+
+
+def test_report_refuses_what_is_not_a_result_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"hello": 1}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: expected a benchmark row of schema 1"):
+        load_rows([bad])
+    bad.write_text("not json\n")
+    with pytest.raises(InputError, match="expected one JSON row per line"):
+        load_rows([bad])
+    with pytest.raises(InputError, match="could not read"):
+        load_rows([tmp_path / "missing.jsonl"])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="found none"):
+        load_rows([tmp_path / "empty.jsonl"])
+
+
+def test_table_and_chart_from_hand_written_rows(tmp_path):
+    """Rows as another machine (a GPU) would write them render too."""
+    row = json.loads(
+        json.dumps(
+            {
+                "schema": 1,
+                "device": {"kind": "gpu", "name": "NVIDIA L4", "cores": 8},
+                "implementation": "sdrt",
+                "backend": "tensorrt",
+                "precision": "fp16",
+                "threads": 8,
+                "batch": 1,
+                "height": 512,
+                "width": 512,
+                "steps": 30,
+                "metrics": {
+                    k: stats([1.0, 2.0])
+                    for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "end_to_end_s", "images_per_s")
+                },
+            }
+        )
+    )
+    assert "NVIDIA L4 · sdrt/tensorrt · fp16" in markdown_table([row])
+    assert chart([row, row], tmp_path / "c.png") == 8
