@@ -55,13 +55,19 @@ def label(row: dict) -> str:
 
 
 def case(row: dict) -> str:
-    return f"b{row['batch']} {row['height']}x{row['width']} {row['steps']} steps"
+    model = Path(str(row.get("model", {}).get("source") or "")).name
+    return f"{model + ' ' if model else ''}b{row['batch']} {row['height']}x{row['width']} {row['steps']} steps"
+
+
+def _num(v: float) -> str:
+    """3 significant digits, never in exponent form: 3,250 / 187 / 0.295 / 0.0543."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def _cell(metric: dict | None, scale: float = 1.0) -> str:
     if not metric or not metric.get("n"):
         return "-"
-    return f"{metric['median'] * scale:.3g} (p90 {metric['p90'] * scale:.3g})"
+    return f"{_num(metric['median'] * scale)} (p90 {_num(metric['p90'] * scale)})"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -84,10 +90,10 @@ def markdown_table(rows: list[dict]) -> str:
             label(row),
             case(row),
             *(_cell(m.get(key), scale) for key, _, scale in COLUMNS),
-            f"{m['images_per_s']['median']:.3g}",
-            "-" if not overhead or not overhead.get("n") else f"{100 * overhead['median']:.2f}",
+            _num(m["images_per_s"]["median"]),
+            "-" if not overhead or not overhead.get("n") else _num(100 * overhead["median"]),
             ratio_cell,
-            f"{row.get('unet_tflops_achieved', 0):.3g}",
+            _num(row.get("unet_tflops_achieved", 0)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -106,7 +112,10 @@ def chart(rows: list[dict], path: Path) -> int:
     fig, axes = plt.subplots(
         1, len(CHART_METRICS), figsize=(5 * len(CHART_METRICS), 1.0 + 0.6 * len(rows)), sharey=True
     )
-    colors = plt.get_cmap("tab10")
+    # One colour per implementation and backend, so sdrt and its baseline read apart in every panel.
+    kinds = sorted({(r["implementation"], r["backend"]) for r in rows})
+    palette = plt.get_cmap("tab10")
+    color = {k: ("0.6" if k[0] == "diffusers" else palette(i % 10)) for i, k in enumerate(kinds)}
     bars = 0
     for ax, (key, title) in zip(axes, CHART_METRICS):
         values, lo, hi = [], [], []
@@ -116,13 +125,19 @@ def chart(rows: list[dict], path: Path) -> int:
             lo.append(m.get("median", 0.0) - m.get("p10", 0.0))
             hi.append(m.get("p90", 0.0) - m.get("median", 0.0))
         drawn = ax.barh(
-            range(len(rows)), values, xerr=[lo, hi], color=[colors(i % 10) for i in range(len(rows))], capsize=3
+            range(len(rows)),
+            values,
+            xerr=[lo, hi],
+            color=[color[(r["implementation"], r["backend"])] for r in rows],
+            capsize=3,
         )
         bars += len(drawn)
         ax.set_title(title)
+        if min(v for v in values if v > 0) * 20 < max(values):  # cases far apart (tiny and full-size models)
+            ax.set_xscale("log")
         ax.grid(axis="x", alpha=0.3)
         for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+            ax.text(v, y, f" {_num(v)}", va="center", fontsize=8)
     axes[0].set_yticks(range(len(rows)))
     axes[0].set_yticklabels(names, fontsize=8)
     axes[0].invert_yaxis()

@@ -93,7 +93,7 @@ def test_report_merges_files_into_table_and_chart(two_result_files, tmp_path):
     assert image.shape[0] > 200 and image.shape[1] > 800 and image.std() > 10  # a drawn chart, not a blank
     text = md.read_text()
     assert "1 threads" in text and "2 threads" in text and "diffusers/PyTorch" in text and "sdrt/onnxruntime" in text
-    assert text.count("| b1 64x64 3 steps |") == 4
+    assert text.count("| tiny-sd b1 64x64 3 steps |") == 4
     assert "report.png" in text
 
 
