@@ -108,7 +108,7 @@ bench-report: $(VENV)/.installed
 test: $(VENV)/.installed models/tiny-sd-optimum
 	$(BIN)/ruff check export runtime benchmarks tests
 	@$(MAKE) --no-print-directory typecheck
-	SDRT_OPTIMUM_FOLDER=models/tiny-sd-optimum $(BIN)/python -m pytest $(PYTEST_ARGS)
+	SDRT_OPTIMUM_FOLDER=models/tiny-sd-optimum SDRT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -248,6 +248,62 @@ class DiffusersRunner:
         self.pipe = None
 
 
+class OptimumRunner:
+    """optimum's ORTStableDiffusionPipeline, in optimum's own environment (``optimum_worker.py``),
+    kept running so that runs interleave with ours as the diffusers ones do."""
+
+    name = "optimum"
+
+    def __init__(self, folder: Path, python: Path, threads: int):
+        import subprocess
+        import tempfile
+
+        worker = Path(__file__).with_name("optimum_worker.py")
+        if not Path(python).is_file():
+            raise InputError(
+                f"optimum baseline: expected the Python of optimum's environment at {python}, found none "
+                "(`make .venv-optimum/.installed` makes one)"
+            )
+        self._tmp = tempfile.TemporaryDirectory(prefix="sdrt-bench-")
+        self._proc = subprocess.Popen(
+            [str(python), str(worker), str(folder), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        hello = self._proc.stdout.readline() if self._proc.stdout else ""
+        if not hello.strip().startswith("{"):
+            raise InputError(f"optimum baseline: the worker in {python} did not start (is optimum installed there?)")
+        self.version = json.loads(hello).get("optimum", "")
+
+    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+        path = Path(self._tmp.name) / "latents.npy"
+        np.save(path, latents)
+        request = {
+            "prompts": list(prompts),
+            "height": height,
+            "width": width,
+            "steps": steps,
+            "guidance": guidance,
+            "latents": str(path),
+        }
+        assert self._proc.stdin and self._proc.stdout
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise InputError("optimum baseline: the worker stopped (run it by hand to see why)")
+        r = json.loads(line)
+        return RunTimes(r["total"], r["text_encoder"], r["vae_decoder"], r["unet_calls"], r["step_walls"])
+
+    def close(self) -> None:
+        if self._proc.stdin:
+            self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+        self._tmp.cleanup()
+
+
 # -- one benchmark configuration ------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
@@ -314,6 +370,8 @@ class BenchConfig:
     threads: int = 0
     baseline: bool = True
     peak_tflops: float | None = None  # the device's peak, for the fraction achieved
+    optimum_folder: Path | None = None  # an optimum export of the same model: optimum's pipeline as a baseline
+    optimum_python: Path = Path(".venv-optimum/bin/python")
     prompt: str = "a photograph of an astronaut riding a horse"
     results_dir: Path = RESULTS_DIR
 
@@ -333,8 +391,6 @@ def available_backends() -> list[str]:
 
 def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     """Measure every case on every backend (and the baseline); append the rows; return them."""
-    from sdrt.benchmarks.flops import count_flops
-
     manifest = Manifest.load(config.artifacts)
     source = Path(manifest.source.get("path", ""))
     if config.baseline and not (source / "model_index.json").is_file():
@@ -344,7 +400,9 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
         )
     threads = config.threads or len(os.sched_getaffinity(0))
     rows = []
-    base_runner = DiffusersRunner(source, threads, config.scheduler) if config.baseline else None
+    baselines = [DiffusersRunner(source, threads, config.scheduler)] if config.baseline else []
+    if config.optimum_folder:
+        baselines.append(OptimumRunner(config.optimum_folder, config.optimum_python, threads))
     for backend in config.backends:
         device = device_info(backend)
         runner = SdrtRunner(config.artifacts, backend, threads, config.scheduler)
@@ -355,26 +413,18 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
                     for steps in config.steps:
                         case = Case(batch, height, width, steps)
                         rows += _measure(
-                            config,
-                            manifest,
-                            device,
-                            backend,
-                            runner,
-                            base_runner,
-                            case,
-                            threads,
-                            unet_path,
-                            count_flops,
-                            progress,
+                            config, manifest, device, backend, runner, baselines, case, threads, unet_path, progress
                         )
         finally:
             runner.close()
-    if base_runner:
-        base_runner.close()
+    for base in baselines:
+        base.close()
     return rows
 
 
-def _measure(config, manifest, device, backend, runner, base_runner, case, threads, unet_path, count_flops, progress):
+def _measure(config, manifest, device, backend, runner, baselines, case, threads, unet_path, progress):
+    from sdrt.benchmarks.flops import count_flops
+
     guided = config.guidance > 1
     rng = np.random.default_rng(0)
     shape = (
@@ -388,18 +438,17 @@ def _measure(config, manifest, device, backend, runner, base_runner, case, threa
     label = f"{backend} batch {case.batch} {case.height}x{case.width} {case.steps} steps"
     progress(f"{label}: warming up")
     warm = {"sdrt": warm_up(runner, case, args, config.warmups)}
-    if base_runner:
-        warm["diffusers"] = warm_up(base_runner, case, args, config.warmups)
-    ours, base = [], []
+    for b in baselines:
+        warm[b.name] = warm_up(b, case, args, config.warmups)
+    ours: list[RunTimes] = []
+    base: dict[str, list[RunTimes]] = {b.name: [] for b in baselines}
     with PeakMemory() as mem:
-        for i in range(config.runs):
+        for i in range(config.runs):  # interleaved: each of our runs is paired with one of each baseline
             ours.append(runner(*args))
-            if base_runner:
-                base.append(base_runner(*args))
-            progress(
-                f"{label}: run {i + 1}/{config.runs} sdrt {ours[-1].total:.2f} s"
-                + (f", diffusers {base[-1].total:.2f} s" if base else "")
-            )
+            for b in baselines:
+                base[b.name].append(b(*args))
+            times = "".join(f", {name} {runs[-1].total:.2f} s" for name, runs in base.items())
+            progress(f"{label}: run {i + 1}/{config.runs} sdrt {ours[-1].total:.2f} s{times}")
     unet_batch = case.batch * (2 if guided else 1)
     lat = shape[2:]
     flops = count_flops(
@@ -430,6 +479,7 @@ def _measure(config, manifest, device, backend, runner, base_runner, case, threa
         or json.loads((config.artifacts / manifest.scheduler_config).read_text())["_class_name"],
         "runs": config.runs,
         "peak_rss_bytes": mem.peak,
+        "device_memory_used_bytes": _device_memory_used() if device["kind"] == "gpu" else None,
         "unet_flops_per_call": flops,
     }
     ours_metrics = metrics(ours, case.batch)
@@ -446,16 +496,17 @@ def _measure(config, manifest, device, backend, runner, base_runner, case, threa
     if config.peak_tflops:
         row["fraction_of_peak"] = tflops / config.peak_tflops
     rows = [row]
-    if base_runner:
-        base_metrics = metrics(base, case.batch)
-        row["ratio_to"] = {"diffusers": ratios(ours, base)}
+    if baselines:
+        row["ratio_to"] = {name: ratios(ours, runs) for name, runs in base.items()}
+    for name, runs in base.items():
+        base_metrics = metrics(runs, case.batch)
         rows.append(
             {
                 **common,
-                "implementation": "diffusers",
-                "backend": "pytorch",
+                "implementation": name,
+                "backend": "pytorch" if name == "diffusers" else "onnxruntime",
                 "precision": "fp32",
-                "warmup_runs": warm["diffusers"],
+                "warmup_runs": warm[name],
                 "metrics": base_metrics,
                 "unet_tflops_achieved": flops / (base_metrics["unet_step_ms"]["median"] / 1e3) / 1e12,
             }
@@ -467,6 +518,18 @@ def _measure(config, manifest, device, backend, runner, base_runner, case, threa
             f.write(json.dumps(r) + "\n")
     progress(f"{label}: appended {len(rows)} rows to {out}")
     return rows
+
+
+def _device_memory_used() -> int | None:
+    """GPU memory in use after the timed runs (engines, buffers, activations stay allocated, so this is
+    the high-water mark of a static-buffer backend), from cudaMemGetInfo."""
+    try:
+        from sdrt.runtime.tensorrt_backend import cuda_runtime
+
+        err, free, total = cuda_runtime().cudaMemGetInfo()
+        return int(total - free) if int(err) == 0 else None
+    except Exception:  # noqa: BLE001 - a figure we cannot read is reported as unknown
+        return None
 
 
 def _cross_dim(manifest: Manifest) -> int:

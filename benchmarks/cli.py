@@ -51,6 +51,19 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="run: CPU threads for both (0: all cores available)")
     p.add_argument("--no-baseline", action="store_true", help="run: skip diffusers")
     p.add_argument(
+        "--optimum-folder",
+        type=Path,
+        default=None,
+        help="run: an optimum ONNX export of the same model; adds optimum's onnxruntime pipeline as a second "
+        "baseline, run in optimum's own environment (e.g. models/tiny-sd-optimum, made by make test)",
+    )
+    p.add_argument(
+        "--optimum-python",
+        type=Path,
+        default=Path(".venv-optimum/bin/python"),
+        help="run: the Python of optimum's environment",
+    )
+    p.add_argument(
         "--peak-tflops", type=float, default=None, help="run: the device's peak TFLOP/s, for the fraction achieved"
     )
     p.add_argument(
@@ -93,6 +106,8 @@ def _bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         baseline=not args.no_baseline,
         peak_tflops=args.peak_tflops,
+        optimum_folder=args.optimum_folder,
+        optimum_python=args.optimum_python,
         results_dir=args.results_dir or RESULTS_DIR,
     )
     rows = run_benchmark(config)

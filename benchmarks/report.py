@@ -50,7 +50,9 @@ def load_rows(files: list[Path]) -> list[dict]:
 def label(row: dict) -> str:
     d = row["device"]
     where = f"{d['name']} ({d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
-    impl = "diffusers/PyTorch" if row["implementation"] == "diffusers" else f"sdrt/{row['backend']}"
+    impl = {"diffusers": "diffusers/PyTorch", "optimum": "optimum/onnxruntime"}.get(
+        row["implementation"], f"{row['implementation']}/{row['backend']}"
+    )
     return f"{where} · {impl} · {row['precision']}"
 
 
@@ -77,14 +79,20 @@ def markdown_table(rows: list[dict]) -> str:
         *(t for _, t, _ in COLUMNS),
         "img/s",
         "overhead %",
-        "vs diffusers (end to end)",
+        "vs diffusers (and others), end to end",
         "UNet TFLOP/s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(rows, key=lambda r: (case(r), label(r))):
         m = row["metrics"]
-        ratio = row.get("ratio_to", {}).get("diffusers", {}).get("end_to_end")
-        ratio_cell = "-" if not ratio else f"{ratio['median']:.2f}x (p10 {ratio['p10']:.2f}, p90 {ratio['p90']:.2f})"
+        ratio_cell = (
+            "; ".join(
+                f"{r['end_to_end']['median']:.2f}x{'' if name == 'diffusers' else ' vs ' + name} "
+                f"(p10 {r['end_to_end']['p10']:.2f}, p90 {r['end_to_end']['p90']:.2f})"
+                for name, r in row.get("ratio_to", {}).items()
+            )
+            or "-"
+        )
         overhead = m.get("overhead_fraction")
         cells = [
             label(row),

@@ -91,3 +91,29 @@ def test_engine_plan_for_an_optimum_folder_uses_its_tensor_names():
     chain = loader_chain(plans["unet"].onnx_path, plans["unet"].profile, plans["unet"].build, FOLDER / "t.cache")
     (profile,) = chain._config.profiles
     assert sorted(profile.keys()) == ["encoder_hidden_states", "sample", "timestep"]
+
+
+PYTHON = Path(os.environ.get("SDRT_OPTIMUM_PYTHON", Path(__file__).parents[1] / ".venv-optimum" / "bin" / "python"))
+
+
+@pytest.mark.skipif(not PYTHON.is_file(), reason=f"no optimum environment at {PYTHON} (`make test` makes one)")
+def test_bench_runs_optimum_as_a_second_baseline(tiny_artifacts, tmp_path):
+    """optimum's own onnxruntime pipeline, in its own environment, timed in the same interleaved pairs."""
+    from sdrt.benchmarks.bench import BenchConfig, run_benchmark
+
+    config = BenchConfig(
+        artifacts=tiny_artifacts,
+        sizes=((64, 64),),
+        steps=(3,),
+        runs=2,
+        warmups=1,
+        results_dir=tmp_path,
+        optimum_folder=FOLDER,
+        optimum_python=PYTHON,
+    )
+    rows = run_benchmark(config, progress=lambda line: None)
+    assert [r["implementation"] for r in rows] == ["sdrt", "diffusers", "optimum"]
+    optimum = rows[2]["metrics"]
+    assert optimum["unet_step_ms"]["n"] == 2 * 3 and optimum["text_encoder_ms"]["median"] > 0
+    ratio = rows[0]["ratio_to"]["optimum"]["end_to_end"]
+    assert ratio["n"] == 2 and ratio["min"] <= ratio["median"] <= ratio["max"]
