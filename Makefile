@@ -106,7 +106,7 @@ bench-report: $(VENV)/.installed
 	$(SDRT) bench report $(RESULTS) --out benchmarks/report
 
 test: $(VENV)/.installed models/tiny-sd-optimum
-	$(BIN)/ruff check export runtime benchmarks tests
+	$(BIN)/ruff check export runtime benchmarks tests tools
 	@$(MAKE) --no-print-directory typecheck
 	SDRT_OPTIMUM_FOLDER=models/tiny-sd-optimum SDRT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -120,14 +120,23 @@ test-gpu: $(VENV)/.installed
 
 # mypy over the TensorRT path (it cannot run without a GPU, so it is at least type-checked). The
 # symlinks give mypy the sdrt.* names the package-dir mapping gives Python.
-typecheck: $(VENV)/.installed
+TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
+typecheck: $(VENV)/.installed build/typecheck/stubs/tensorrt
 	@mkdir -p build/typecheck/sdrt
 	@ln -sfn $(CURDIR)/runtime build/typecheck/sdrt/runtime
 	@ln -sfn $(CURDIR)/export build/typecheck/sdrt/export
 	$(BIN)/mypy
 
+# TensorRT's API signatures for mypy, never installed into an environment (with them alone,
+# `import tensorrt` would succeed with no TensorRT behind it). Offline, mypy types TensorRT as Any.
+build/typecheck/stubs/tensorrt:
+	@mkdir -p build/typecheck/wheels
+	@$(BIN)/pip download --quiet --no-deps $(TRT_STUBS) -d build/typecheck/wheels 2>/dev/null \
+	  && $(BIN)/python tools/trt_stubs.py build/typecheck/wheels/tensorrt_stubs-*.whl build/typecheck/stubs \
+	  || echo "tensorrt-stubs not available: mypy checks the TensorRT path with TensorRT typed as Any"
+
 lint: $(VENV)/.installed
-	$(BIN)/ruff check export runtime benchmarks tests
+	$(BIN)/ruff check export runtime benchmarks tests tools
 
 clean:
 	rm -rf artifacts .pytest_cache build

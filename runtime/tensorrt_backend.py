@@ -103,7 +103,9 @@ class TensorRTSession:
     """One engine: ``run(feed) -> outputs`` with the Session contract of the onnxruntime backend."""
 
     def __init__(self, root: Path, component: Component, precision: str | None = None, use_cuda_graph: bool = False):
-        trt = tensorrt_module()
+        tensorrt_module()  # a usable TensorRT, or a clear error
+        import tensorrt as trt  # (imported by name, so the type checker sees TensorRT's signatures)
+
         self._cudart = cudart = cuda_runtime()
         device = current_device()
         folder, key = find_engine_folder(root, device, precision)
@@ -168,7 +170,7 @@ class TensorRTSession:
         outputs = {}
         for spec in self.outputs:
             graph_name = self._names[spec.name]
-            shape = tuple(self._context.get_tensor_shape(graph_name))
+            shape: tuple[int, ...] = tuple(self._context.get_tensor_shape(graph_name)[:])  # Dims[:] is a tuple
             host = np.empty(shape, dtype=self._dtypes[graph_name])
             _check(
                 cudart,
@@ -208,4 +210,5 @@ class TensorRTSession:
         if getattr(self, "_stream", None) is not None:
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None
-        self._context = self._engine = None
+        for attr in ("_context", "_engine"):  # TensorRT frees them with the last reference
+            self.__dict__.pop(attr, None)
