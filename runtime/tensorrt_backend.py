@@ -60,7 +60,7 @@ def cuda_runtime():
     return cudart
 
 
-def _check(cudart, result, what: str):
+def _check(result, what: str):
     """cuda-python returns (error, *values); raise on an error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -86,7 +86,7 @@ def current_device(index: int = 0) -> DeviceInfo:
         reasons.append(str(e))
     if reasons or trt is None or cudart is None:
         raise BackendError("; ".join(reasons))
-    prop = _check(cudart, cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+    prop = _check(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return DeviceInfo(name.rstrip("\0"), (int(prop.major), int(prop.minor)), trt.__version__, int(prop.totalGlobalMem))
 
@@ -127,7 +127,7 @@ class TensorRTSession:
         if self._engine is None:
             raise BackendError(f"{folder / record.file}: TensorRT could not deserialize the engine (see its log)")
         self._context = self._engine.create_execution_context()
-        self._stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         if not self._context.set_optimization_profile_async(0, int(self._stream)):
             raise BackendError(f"{self.name}: TensorRT refused optimization profile 0")
 
@@ -139,7 +139,7 @@ class TensorRTSession:
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             shape_max = self.profile[name][2] if name in self.profile else output_max[name]
             nbytes = max(max_bytes(shape_max, dtype.itemsize), dtype.itemsize)
-            self._buffers[name] = _check(cudart, cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})")
+            self._buffers[name] = _check(cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})")
             self._dtypes[name] = dtype
             self._context.set_tensor_address(name, int(self._buffers[name]))
         self._use_cuda_graph = use_cuda_graph and all(lo == hi for lo, _, hi in self.profile.values())
@@ -159,7 +159,6 @@ class TensorRTSession:
             if not self._context.set_input_shape(name, host.shape):
                 raise BackendError(f"{self.name}: TensorRT refused shape {host.shape} for input {name!r}")
             _check(
-                cudart,
                 cudart.cudaMemcpyAsync(self._buffers[name], host.ctypes.data, host.nbytes, kind_h2d, stream),
                 "cudaMemcpyAsync H2D",
             )
@@ -173,12 +172,11 @@ class TensorRTSession:
             shape: tuple[int, ...] = tuple(self._context.get_tensor_shape(graph_name)[:])  # Dims[:] is a tuple
             host = np.empty(shape, dtype=self._dtypes[graph_name])
             _check(
-                cudart,
                 cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[graph_name], host.nbytes, kind_d2h, stream),
                 "cudaMemcpyAsync D2H",
             )
             outputs[spec.name] = host
-        _check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         return {k: v.astype(np.float32, copy=False) if v.dtype == np.float16 else v for k, v in outputs.items()}
 
     def _launch_graph(self) -> None:
@@ -189,13 +187,13 @@ class TensorRTSession:
             # The first run outside capture lets TensorRT finish its lazy setup.
             if not self._context.execute_async_v3(int(stream)):
                 raise BackendError(f"{self.name}: TensorRT execute_async_v3 failed (see its log)")
-            _check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
-            _check(cudart, cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+            _check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
             self._context.execute_async_v3(int(stream))
-            graph = _check(cudart, cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-            self._graph_exec = _check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        _check(cudart, cudart.cudaGraphLaunch(self._graph_exec, stream), "cudaGraphLaunch")
+            graph = _check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+            self._graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        _check(cudart.cudaGraphLaunch(self._graph_exec, stream), "cudaGraphLaunch")
 
     def close(self) -> None:
         cudart = getattr(self, "_cudart", None)
