@@ -126,6 +126,7 @@ class EngineReport:
     device_key: str
     folder: Path
     plans: list[EnginePlan]
+    engines: EngineManifest  # the folder's engine manifest as read (a new, empty one when there is none)
     built: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -135,11 +136,12 @@ def plan_engines(root: Path, manifest: Manifest, device: DeviceInfo, options: En
     key = device_key(device, options.precision)
     folder = Path(root) / ENGINES_DIR / key
     try:
-        existing = EngineManifest.load(folder).engines
+        engines = EngineManifest.load(folder)
     except ArtifactError as e:  # no folder yet, or an unreadable one: everything gets built
         if folder.exists():
             log.info("%s", e)
-        existing = {}
+        engines = EngineManifest(key, device)
+    existing = engines.engines
     plans = []
     for name in options.components:
         if name not in manifest.components:
@@ -154,7 +156,7 @@ def plan_engines(root: Path, manifest: Manifest, device: DeviceInfo, options: En
         fingerprint = onnx_fingerprint(root, component)
         reason = stale_reason(existing.get(name), folder, fingerprint, profile, build, device.tensorrt_version)
         plans.append(EnginePlan(name, Path(root) / component.path, profile, outputs, build, fingerprint, reason))
-    return EngineReport(key, folder, plans)
+    return EngineReport(key, folder, plans, engines)
 
 
 def build_engines(root: Path, device: DeviceInfo, options: EngineOptions, force: bool = False) -> EngineReport:
@@ -164,10 +166,7 @@ def build_engines(root: Path, device: DeviceInfo, options: EngineOptions, force:
     report = plan_engines(root, manifest, device, options)
     folder = report.folder
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        engines = EngineManifest.load(folder)
-    except ArtifactError:
-        engines = EngineManifest(report.device_key, device)
+    engines = report.engines
     timing_cache = options.timing_cache or folder / engines.timing_cache
     todo = [p for p in report.plans if force or p.reason]
     for plan in report.plans:
