@@ -49,7 +49,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[export,bench,dev]"
+	$(BIN)/pip install --quiet -e ".[export,bench,openvino,dev]"
 	$(BIN)/pip install --quiet --no-deps $(OPEN_CLIP)
 	touch $@
 

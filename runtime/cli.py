@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 from sdrt.runtime import schedulers
+from sdrt.runtime.backends import BACKEND_NAMES, COMPUTE_PRECISIONS
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.session import BACKENDS
 
 log = logging.getLogger("sdrt")
 
@@ -53,7 +53,20 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         + ", ".join(sorted(schedulers.ALIASES))
         + " (or a diffusers class name such as EulerDiscreteScheduler); default: the model's own",
     )
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="inference backend")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=COMPUTE_PRECISIONS,
+        help="compute precision: fp32 runs each graph in its exported types (fp32, fp16 or int8 artifacts); "
+        "bf16 lowers fp32 compute on CPUs with AVX-512 BF16 or AMX (backend openvino). A precision the "
+        "backend or CPU lacks is an error, never a silent change",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither use nor fill the per-machine compiled-graph caches under the artifacts' engines/ folder",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads per session (0: onnxruntime's default)")
     p.add_argument(
         "--cuda-graph",
@@ -77,8 +90,12 @@ def _generate(args: argparse.Namespace) -> int:
         verify_hashes=not args.no_verify,
         threads=args.threads,
         cuda_graph=args.cuda_graph,
+        precision=args.precision,
+        cache=not args.no_cache,
     ) as pipe:
         load_s = time.perf_counter() - t0
+        loads = pipe.load_timings
+        graphs = pipe.graph_precisions()
         result = pipe(
             prompt=args.prompt if len(args.prompt) > 1 else args.prompt[0],
             negative_prompt=args.negative_prompt,
@@ -98,7 +115,10 @@ def _generate(args: argparse.Namespace) -> int:
     print(
         f"wrote {', '.join(map(str, paths))}: {n} image(s) {w}x{h}, seed {result.seed}, {args.steps} steps in "
         f"{t['total']:.2f} s (text {t['text_encoder'] * 1e3:.0f} ms, denoise {t['denoise']:.2f} s, "
-        f"vae {t['vae_decoder'] * 1e3:.0f} ms; load {load_s:.2f} s)"
+        f"vae {t['vae_decoder'] * 1e3:.0f} ms; load {load_s:.2f} s: "
+        + ", ".join(f"{name} {loads[name]:.2f}" for name in pipe.COMPONENTS)
+        + f"); {args.backend}, compute {args.precision}, graphs "
+        + ", ".join(f"{name} {graphs[name]}" for name in pipe.COMPONENTS)
     )
     return 0
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import schedulers
+from sdrt.runtime import backends, schedulers
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.ort_tensorrt import provider_options
 from sdrt.runtime.profiles import ShapeRanges
 from sdrt.runtime.rng import PrefetchingNoise, make_generator
-from sdrt.runtime.session import Session, open_session
+from sdrt.runtime.session import Session
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,21 @@ class GenerationResult:
 
 
 class Pipeline:
+    COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
     def __init__(
-        self, root: Path, manifest: Manifest, sessions: dict[str, Session], backend: str, scheduler: str | None
+        self,
+        root: Path,
+        manifest: Manifest,
+        sessions: dict[str, Session],
+        backend: str,
+        scheduler: str | None,
+        precision: str = "fp32",
+        load_timings: dict[str, float] | None = None,
     ):
         self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
+        self.precision = precision  # the compute precision the backend was asked for (fp32 unless told)
+        self.load_timings = dict(load_timings or {})  # seconds: manifest check and each component's session
         info = manifest.tokenizers["tokenizer"]
         self.tokenizer = ClipTokenizer.from_tokenizer_dir(root / info.path, info.max_length, info.pad_token_id)
         self.scheduler_config = schedulers.read_config(root / manifest.scheduler_config)
@@ -73,20 +83,41 @@ class Pipeline:
         threads: int = 0,
         cuda_graph: bool = False,
         trt_ranges: ShapeRanges | None = None,
+        precision: str = "fp32",
+        cache: bool = True,
     ) -> Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
-        or an optimum ONNX export. ``trt_ranges``: the shape ranges onnxruntime's TensorRT provider
-        builds its engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px)."""
+        or an optimum ONNX export, on ``backend`` (see ``sdrt.runtime.backends``).
+
+        ``precision``: the compute precision (``fp32`` runs every graph in its exported types; ``bf16``
+        on CPUs that have it, backend ``openvino``); asking for one the backend or CPU lacks is an
+        error, never a silent change. ``cache``: use and fill the per-machine compiled-graph caches
+        under ``engines/``. ``trt_ranges``: the shape ranges onnxruntime's TensorRT provider builds its
+        engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px)."""
+        t_start = t0 = time.perf_counter()
         root = Path(artifacts)
+        record = backends.get(backend)
+        backends.check_usable(record, precision)
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
-        wanted = ("text_encoder", "unet", "vae_decoder")
-        sessions = {}
-        for name in wanted:
-            component, options = manifest.components[name], None
-            if backend == "onnxruntime-tensorrt":  # explicit profiles and engine caches
-                options = provider_options(root, component, manifest, trt_ranges or ShapeRanges())
-            sessions[name] = open_session(root, component, backend, threads, cuda_graph and name == "unet", options)
-        return cls(root, manifest, sessions, backend, scheduler)
+        timings = {"manifest": time.perf_counter() - t0}
+        options = backends.LoadOptions(threads, precision, cuda_graph, trt_ranges, cache)
+        sessions: dict[str, Session] = {}
+        try:
+            for name in cls.COMPONENTS:
+                t0 = time.perf_counter()
+                sessions[name] = record.open(root, manifest, manifest.components[name], options)
+                timings[name] = time.perf_counter() - t0
+        except BaseException:
+            for session in sessions.values():
+                session.close()
+            raise
+        pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings)
+        pipe.load_timings["total"] = time.perf_counter() - t_start
+        return pipe
+
+    def graph_precisions(self) -> dict[str, str]:
+        """Each component's graph precision as exported (fp32, fp16, fp16+fp32-attention, int8)."""
+        return {name: self.manifest.components[name].precision for name in self.COMPONENTS}
 
     def close(self) -> None:
         for session in self.sessions.values():

@@ -18,13 +18,6 @@ from sdrt.runtime.manifest import Component, TensorSpec
 
 log = logging.getLogger(__name__)
 
-ORT_PROVIDERS = {
-    "onnxruntime": ["CPUExecutionProvider"],
-    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-BACKENDS = (*ORT_PROVIDERS, "tensorrt")
-
 
 class Session(Protocol):
     name: str
@@ -78,25 +71,27 @@ def to_graph_feed(
 
 
 class OrtSession:
-    """An onnxruntime ``InferenceSession`` on the providers a backend name selects."""
+    """An onnxruntime ``InferenceSession`` on the given providers (the registry's backends pick them)."""
 
     def __init__(
         self,
         root: Path,
         component: Component,
-        backend: str = "onnxruntime",
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
         threads: int = 0,
         provider_options: dict[str, str] | None = None,
+        use_engine: bool = False,
     ):
+        """``use_engine``: load this CPU's pre-optimized graph from ``engines/`` when one matches
+        (``sdrt.runtime.ort_cpu_engines``); otherwise the portable graph, optimized at load."""
         import onnxruntime as ort
 
         self.name = component.name
         self.inputs, self.outputs = component.inputs, component.outputs
-        providers = ORT_PROVIDERS[backend]
-        missing = [p for p in providers[:-1] if p not in ort.get_available_providers()]
+        missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise BackendError(
-                f"backend {backend!r}: expected onnxruntime providers {providers}, this onnxruntime "
+                f"onnxruntime providers: expected {list(providers)}, this onnxruntime "
                 f"({ort.__version__}) has {ort.get_available_providers()} (install onnxruntime-gpu, "
                 "or use backend='onnxruntime' for the CPU)"
             )
@@ -104,10 +99,20 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        path = Path(root) / component.path
+        path, self.engine = Path(root) / component.path, None
+        if use_engine:
+            from sdrt.runtime.ort_cpu_engines import find_engine
+
+            engine, why_not = find_engine(root, component)
+            if engine is None:
+                log.info("%s: loading the portable graph: %s", component.name, why_not)
+            else:  # already optimized for this CPU: optimizing again would only cost time
+                path, self.engine = engine, engine
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        chosen: list = list(providers)
         if provider_options:  # options for the first provider (TensorRT's profiles and caches)
-            providers = [(providers[0], provider_options), *providers[1:]]
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            chosen[0] = (providers[0], provider_options)
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
         self._scalars = set(component.scalar_inputs)
         graph_inputs = sorted(i.name for i in self._session.get_inputs())
@@ -126,30 +131,3 @@ class OrtSession:
 
     def close(self) -> None:
         self._session = None
-
-
-def open_session(
-    root: Path,
-    component: Component,
-    backend: str,
-    threads: int = 0,
-    cuda_graph: bool = False,
-    provider_options: dict[str, str] | None = None,
-) -> Session:
-    """A session for ``component`` on ``backend``. ``cuda_graph`` (tensorrt, static-shape engines
-    only) replays the engine's launch as a captured CUDA graph; ``provider_options`` go to the
-    first onnxruntime provider (see ``ort_tensorrt.provider_options``)."""
-    if backend in ORT_PROVIDERS:
-        return OrtSession(root, component, backend, threads, provider_options)
-    if backend == "tensorrt":
-        from sdrt.runtime.tensorrt_backend import TensorRTSession, unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:
-            raise BackendError(
-                f"backend 'tensorrt' is not available on this machine: {reason}. Use backend='onnxruntime' "
-                "(--backend onnxruntime) to run the same artifacts on the CPU, or 'onnxruntime-cuda' with "
-                "onnxruntime-gpu on an NVIDIA GPU"
-            )
-        return TensorRTSession(root, component, use_cuda_graph=cuda_graph)
-    raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 from sdrt.runtime import BackendError, InputError, Manifest
-from sdrt.runtime.session import check_feed, open_session
+from sdrt.runtime.backends import BACKENDS, LoadOptions, available, open_session
+from sdrt.runtime.session import check_feed
 
 
 @pytest.fixture(scope="module")
 def unet_session(tiny_artifacts):
     m = Manifest.load(tiny_artifacts, verify_hashes=False)
-    return open_session(tiny_artifacts, m.components["unet"], "onnxruntime")
+    return open_session(tiny_artifacts, m, m.components["unet"], "onnxruntime")
 
 
 def feed(batch=2, h=8, w=8, text=77, dtype=np.float32):
@@ -55,14 +56,14 @@ def test_check_feed_binds_sizes(tiny_artifacts):
 def test_unknown_and_unavailable_backends(tiny_artifacts):
     m = Manifest.load(tiny_artifacts, verify_hashes=False)
     with pytest.raises(InputError, match="backend: expected one of onnxruntime"):
-        open_session(tiny_artifacts, m.components["unet"], "nope")
+        open_session(tiny_artifacts, m, m.components["unet"], "nope")
     with pytest.raises(BackendError, match="backend='onnxruntime'"):
-        open_session(tiny_artifacts, m.components["unet"], "tensorrt")
+        open_session(tiny_artifacts, m, m.components["unet"], "tensorrt")
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(BackendError, match="install onnxruntime-gpu"):
-            open_session(tiny_artifacts, m.components["unet"], "onnxruntime-cuda")
+            open_session(tiny_artifacts, m, m.components["unet"], "onnxruntime-cuda")
 
 
 def test_pipeline_argument_errors(runtime_pipeline):
@@ -78,3 +79,20 @@ def test_pipeline_argument_errors(runtime_pipeline):
         runtime_pipeline([], height=64, width=64, num_inference_steps=1)
     with pytest.raises(InputError, match="scheduler: expected one of"):
         runtime_pipeline("x", height=64, width=64, num_inference_steps=1, scheduler="warp-drive")
+
+
+def test_registry_names_every_backend_once():
+    assert list(BACKENDS) == ["onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]
+    assert "onnxruntime" in available()
+    for name, backend in BACKENDS.items():
+        assert backend.name == name and backend.device in ("cpu", "gpu")
+        reason = backend.unavailable_reason()
+        assert (name in available()) == (reason is None)
+
+
+def test_precision_the_backend_lacks_is_refused(tiny_artifacts):
+    m = Manifest.load(tiny_artifacts, verify_hashes=False)
+    with pytest.raises(BackendError, match=r"precision: backend 'onnxruntime' offers fp32 on this machine, got 'bf16'"):
+        open_session(tiny_artifacts, m, m.components["unet"], "onnxruntime", LoadOptions(precision="bf16"))
+    with pytest.raises(InputError, match="precision: expected one of fp32, bf16, fp16, got 'int4'"):
+        open_session(tiny_artifacts, m, m.components["unet"], "onnxruntime", LoadOptions(precision="int4"))

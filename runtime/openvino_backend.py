@@ -1,0 +1,209 @@
+"""The OpenVINO backend: the same ONNX graphs, compiled by OpenVINO's CPU plugin.
+
+Written against OpenVINO's Python API (``Core.read_model`` / ``compile_model`` / ``InferRequest``),
+imported only inside these functions, so importing ``sdrt.runtime`` costs only NumPy.
+
+Precision is always set explicitly: on a CPU with bfloat16 support OpenVINO's CPU plugin runs
+float32 graphs in bf16 unless told otherwise, which would change images without anyone asking.
+``fp32`` is the default and runs everywhere; ``bf16`` (and ``fp16``) only where OpenVINO reports the
+capability, and a request for one the CPU lacks is refused rather than quietly run in another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.runtime.cpu_features import cpu_summary
+from sdrt.runtime.errors import ArtifactError, BackendError, InputError
+from sdrt.runtime.manifest import Component
+from sdrt.runtime.session import check_feed, to_graph_feed
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'sdrt[openvino]', i.e. openvino>=2026.4.1"
+DEVICE = "CPU"
+# sdrt's precision names -> OpenVINO's element type names (INFERENCE_PRECISION_HINT values).
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# OpenVINO's OPTIMIZATION_CAPABILITIES entries -> sdrt's precision names; the others (INT8, BIN,
+# WINOGRAD, EXPORT_IMPORT) are not inference precisions of a float graph.
+CAPABILITIES = {"FP32": "fp32", "BF16": "bf16", "FP16": "fp16"}
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as e:
+        raise BackendError(f"openvino is not installed ({e}; {INSTALL_HINT})") from None
+    return openvino
+
+
+def unavailable_reason() -> str | None:
+    """Why the OpenVINO backend cannot run here (not installed, no CPU device), or None."""
+    try:
+        ov = _openvino()
+    except BackendError as e:
+        return str(e)
+    try:
+        devices = ov.Core().available_devices
+    except RuntimeError as e:
+        return f"openvino {ov.__version__} failed to start: {e}"
+    if DEVICE not in devices:
+        return f"openvino {ov.__version__} finds no CPU device (devices: {devices})"
+    return None
+
+
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's own list for the CPU (``OPTIMIZATION_CAPABILITIES``), e.g. ['FP32', 'INT8', 'BF16']."""
+    return list(_openvino().Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_precisions() -> list[str]:
+    """The inference precisions OpenVINO's CPU plugin offers on this machine, fp32 first."""
+    offered = {CAPABILITIES[c] for c in cpu_capabilities() if c in CAPABILITIES}
+    return [p for p in PRECISIONS if p in offered]
+
+
+def check_precision(precision: str) -> None:
+    """InputError for a name sdrt does not know; BackendError for one this CPU does not offer."""
+    if precision not in PRECISIONS:
+        raise InputError(f"openvino precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    offered = cpu_precisions()
+    if precision not in offered:
+        summary = cpu_summary()
+        flags = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in summary["flags"].items())
+        raise BackendError(
+            f"openvino precision {precision!r}: expected one this CPU offers, OpenVINO reports {offered} "
+            f"(OPTIMIZATION_CAPABILITIES) on {summary['model']} ({flags}); use precision='fp32', which every CPU runs"
+        )
+
+
+def compile_config(precision: str, threads: int = 0, cache_dir: Path | None = None) -> dict[str, str]:
+    """The CPU plugin's properties for one session."""
+    config = {
+        # Never left to the default: that is bf16 on CPUs that have it.
+        "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+        # One image batch at a time, as fast as possible: no throughput streams.
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    return config
+
+
+def _usable_cache_dir(cache_dir: Path | None) -> Path | None:
+    """``cache_dir``, created if needed; None (no cache, with a warning) when it cannot be written,
+    e.g. artifacts on a read-only volume: the cache only saves load time, so it is not worth failing for."""
+    if cache_dir is None:
+        return None
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            raise PermissionError("no write permission")
+    except OSError as e:
+        log.warning("openvino: compiled-model cache %s is not writable (%s); compiling without it", cache_dir, e)
+        return None
+    return Path(cache_dir)
+
+
+def _loaded_from_cache(compiled) -> bool:
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except RuntimeError:  # a plugin that does not report it
+        return False
+
+
+class OpenVINOSession:
+    """One graph compiled for the CPU with one InferRequest, created once and reused by every ``run``.
+
+    A session is used by one thread at a time (as the pipeline does): concurrent ``run`` calls would
+    share that request and its output buffers. Open one session per thread to run in parallel.
+    ``cache_dir`` keeps OpenVINO's compiled model there, keyed by the graph's content and the
+    properties above, so the next session for the same graph and precision loads without compiling.
+    After loading: ``precision`` (what the compiled model runs in, checked), ``load_seconds`` (read
+    and compile, or read and load from the cache) and ``loaded_from_cache``.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        component: Component,
+        threads: int = 0,
+        precision: str = "fp32",
+        cache_dir: Path | None = None,
+    ):
+        ov = _openvino()
+        self.name = component.name
+        self.inputs, self.outputs = component.inputs, component.outputs
+        check_precision(precision)
+        self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
+        self._scalars = set(component.scalar_inputs)
+        start = time.perf_counter()
+        core = ov.Core()
+        path = Path(root) / component.path
+        try:
+            model = core.read_model(str(path))  # reads ONNX itself, external data files included
+        except RuntimeError as e:
+            raise ArtifactError(
+                f"{path}: expected an ONNX graph OpenVINO can read, got: {e} (re-run the export)"
+            ) from e
+        self._check_graph_inputs(path, model)
+        config = compile_config(precision, threads, _usable_cache_dir(cache_dir))
+        try:
+            # From the in-memory model, not the path: the cache key is then the graph's content
+            # (weights included), where a path's key is its name, size and mtime, not its external data file's.
+            compiled = core.compile_model(model, DEVICE, config)
+        except RuntimeError as e:
+            raise BackendError(f"openvino {self.name}: compiling for the CPU with {config} failed: {e}") from e
+        self.precision = self._check_compiled_precision(compiled, precision)
+        self.loaded_from_cache = config.get("CACHE_DIR") is not None and _loaded_from_cache(compiled)
+        self._request = compiled.create_infer_request()
+        self._output_names = [self._names[o.name] for o in self.outputs]
+        self.load_seconds = time.perf_counter() - start
+        log.info(
+            "openvino %s: %s on CPU, loaded in %.2f s%s",
+            self.name,
+            self.precision,
+            self.load_seconds,
+            " (compiled model from the cache)" if self.loaded_from_cache else "",
+        )
+
+    def _check_graph_inputs(self, path: Path, model) -> None:
+        graph_inputs = sorted(i.get_any_name() for i in model.inputs)
+        expected = sorted(self._names[s.name] for s in self.inputs)
+        if graph_inputs != expected:
+            raise ArtifactError(
+                f"{path}: expected graph inputs {expected} per the manifest, got {graph_inputs} (re-run the export)"
+            )
+
+    @staticmethod
+    def _check_compiled_precision(compiled, precision: str) -> str:
+        """What the compiled model will really run in; a BackendError when OpenVINO chose otherwise."""
+        actual = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if actual != PRECISIONS[precision]:
+            raise BackendError(
+                f"openvino precision: expected the compiled model to run in {PRECISIONS[precision]} "
+                f"({precision}), OpenVINO chose {actual} (use precision='fp32')"
+            )
+        return precision
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Checked here because OpenVINO would cast a wrong dtype silently.
+        check_feed(self.name, self.inputs, feed)
+        graph_feed = to_graph_feed(self.name, self._names, self._scalars, feed)
+        try:
+            # share_outputs=False copies each output into an array of its own: the request reuses its
+            # output tensors on the next call, so views would change under the caller.
+            results = self._request.infer(graph_feed, share_inputs=False, share_outputs=False)
+        except RuntimeError as e:
+            raise BackendError(f"openvino {self.name}: inference failed: {e}") from e
+        return {o.name: results[name] for o, name in zip(self.outputs, self._output_names)}
+
+    def close(self) -> None:
+        self._request = None
