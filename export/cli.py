@@ -120,13 +120,17 @@ def _random_model(args: argparse.Namespace) -> int:
 def register_engines(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "engines",
-        help="build TensorRT engines for this GPU from an artifact directory (skipped without one)",
+        help="build this machine's engines: onnxruntime CPU engines, and TensorRT engines where a GPU is",
         description=(
-            "Build one TensorRT engine per component from the artifacts' ONNX graphs, with one optimization "
-            "profile from the batch and image-size ranges below, into engines/<device-key>/ (GPU name, compute "
-            "capability, TensorRT version, precision). Engines already built from the same ONNX, profile and "
-            "options are kept; the others are rebuilt, with the reason. On a machine without an NVIDIA GPU or "
-            "without tensorrt this prints the profiles and one line saying why no engine was built, and exits 0."
+            "Build the per-machine forms of an artifact directory's ONNX graphs. onnxruntime CPU engines: each "
+            "graph with onnxruntime-only fusions (MultiHeadAttention, SkipLayerNorm, GELU) and onnxruntime's "
+            "optimizations for this CPU's instruction set, saved with pre-packed weights into "
+            "engines/onnxruntime-cpu_<isa>_ort<version>/, so that loading skips that work (--no-cpu skips them). "
+            "TensorRT engines: one per component with one optimization profile from the batch and image-size "
+            "ranges below, into engines/<device-key>/ (GPU name, compute capability, TensorRT version, "
+            "precision). Engines already built from the same ONNX and options are kept; the others are rebuilt, "
+            "with the reason. On a machine without an NVIDIA GPU or without tensorrt this prints the profiles "
+            "and one line saying why no TensorRT engine was built, and exits 0."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -145,6 +149,16 @@ def register_engines(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--require", action="store_true", help="fail (exit 1) instead of skipping when TensorRT is unavailable"
     )
+    p.add_argument(
+        "--no-cpu",
+        action="store_true",
+        help="skip the onnxruntime CPU engines (graphs optimized once for this CPU, loaded in about a second)",
+    )
+    p.add_argument(
+        "--no-fusions",
+        action="store_true",
+        help="CPU engines without onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNorm, GELU)",
+    )
     p.set_defaults(func=_engines)
 
 
@@ -158,15 +172,18 @@ def _engines(args: argparse.Namespace) -> int:
     ranges = ShapeRanges(
         Range.parse(args.batch, "--batch"), Range.parse(args.height, "--height"), Range.parse(args.width, "--width")
     )
+    components = tuple(args.components or ENGINE_COMPONENTS)
     options = EngineOptions(
         ranges=ranges,
         precision=args.precision,
         optimization_level=args.optimization_level,
         workspace_bytes=None if args.workspace_gb is None else int(args.workspace_gb * 2**30),
-        components=tuple(args.components or ENGINE_COMPONENTS),
+        components=components,
         timing_cache=args.timing_cache,
     )
     manifest = Manifest.load(args.artifacts)
+    if not args.no_cpu:
+        _cpu_engines(args.artifacts, components, args.force, not args.no_fusions)
     print(
         f"shape profiles ({'static' if ranges.is_static else 'dynamic'}: batch {ranges.batch}, "
         f"height {ranges.height}, width {ranges.width}):"
@@ -187,4 +204,92 @@ def _engines(args: argparse.Namespace) -> int:
         f"engines for {device.name} (sm{device.compute_capability[0]}{device.compute_capability[1]}, TensorRT "
         f"{device.tensorrt_version}) in {report.folder}: built {report.built or 'none'}, up to date {kept or 'none'}"
     )
+    return 0
+
+
+def _cpu_engines(artifacts: Path, components: tuple[str, ...], force: bool, fuse: bool) -> None:
+    from sdrt.export.cpu_engines import build_cpu_engines
+
+    report = build_cpu_engines(artifacts, components, force=force, fuse=fuse)
+    built = ", ".join(f"{name} ({report.reasons[name]})" for name in report.built) or "none"
+    print(f"onnxruntime CPU engines in {report.folder}: built {built}, up to date {', '.join(report.kept) or 'none'}")
+
+
+def register_quantize(sub: argparse._SubParsersAction) -> None:
+    from sdrt.export.quantize import ACTIVATION_TYPES, CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, QUANTIZABLE
+
+    p = sub.add_parser(
+        "quantize",
+        help="int8 post-training quantization of an fp32 artifact directory (UNet; VAE decoder on request)",
+        description=(
+            "Write an int8 copy of an fp32 artifact directory: the chosen components' graphs are quantized "
+            "by onnxruntime (QDQ: int8 per-channel weights on Conv, MatMul and Gemm; activation ranges "
+            "calibrated on the inputs recorded while the fp32 pipeline generates from built-in prompts). "
+            "The manifest records, per component, the error against the fp32 graph on held-out inputs and, "
+            "end to end, the PSNR of the int8 pipeline's images against the fp32 pipeline's (same seeds). "
+            "The output is written atomically; an unchanged re-run does nothing."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--artifacts", type=Path, required=True, help="fp32 artifact directory written by `sdrt export`")
+    p.add_argument("--out", type=Path, required=True, help="int8 artifact directory to write (replaced atomically)")
+    p.add_argument("--components", nargs="+", default=["unet"], choices=QUANTIZABLE, help="components to quantize")
+    p.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=8,
+        help=f"built-in prompts to calibrate on (1-{len(CALIBRATION_PROMPTS)}); each step's UNet input is a sample",
+    )
+    p.add_argument("--calibration-steps", type=int, default=8, help="denoising steps per calibration prompt")
+    p.add_argument(
+        "--calibration-size", default="256x256", metavar="HxW", help="image size of calibration and check runs"
+    )
+    p.add_argument(
+        "--verification-prompts",
+        type=int,
+        default=2,
+        help=f"held-out prompts (1-{len(HELD_OUT_PROMPTS)}) for the measured error against fp32",
+    )
+    p.add_argument(
+        "--activations",
+        default="uint8",
+        choices=ACTIVATION_TYPES,
+        help="activation type: uint8 (asymmetric; onnxruntime's and OpenVINO's fast CPU path) or int8 "
+        "(symmetric; what TensorRT's explicit quantization accepts)",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    p.set_defaults(func=_quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from sdrt.export.quantize import QuantizeOptions, parse_size, quantize_artifacts
+
+    height, width = parse_size(args.calibration_size)
+    options = QuantizeOptions(
+        components=tuple(dict.fromkeys(args.components)),
+        calibration_prompts=args.calibration_prompts,
+        calibration_steps=args.calibration_steps,
+        calibration_height=height,
+        calibration_width=width,
+        verification_prompts=args.verification_prompts,
+        activation_type=args.activations,
+    )
+    report = quantize_artifacts(args.artifacts, args.out, options, force=args.force)
+    m = report.manifest
+    if not report.built:
+        print(f"{args.out} is up to date (same source artifacts, options and tool versions): nothing to do")
+        return 0
+    print(f"{'component':13s} {'precision':9s} {'MB':>7s} {'max abs err':>11s} {'PSNR dB':>8s}  (against fp32)")
+    for name in options.components:
+        c = m.components[name]
+        v = c.verification
+        mb = sum(f.bytes for f in c.files) / 1e6
+        print(f"{name:13s} {c.precision:9s} {mb:7.1f} {v['max_abs_error']:11.3g} {v['psnr_db']:8.1f}")
+    q = m.build["quantization"]
+    e2e = q["end_to_end"]
+    print(
+        f"images against fp32 (same seeds, {len(e2e['per_image'])} held-out prompts): PSNR {e2e['psnr_db']:.1f} dB, "
+        f"max abs difference {e2e['max_abs_difference']}/255"
+    )
+    print(f"wrote {args.out} in {q['seconds']['total']:.1f} s")
     return 0

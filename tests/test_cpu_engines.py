@@ -1,0 +1,112 @@
+"""onnxruntime CPU engines: built once per machine, loaded without re-optimizing, equal to the portable graphs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from sdrt.runtime import Manifest, Pipeline
+from sdrt.runtime.engine_cache import onnx_fingerprint
+from sdrt.runtime.ort_cpu_engines import RECORDS, engine_folder, find_engine, isa_key, read_records, stale_reason
+from sdrt.runtime.session import OrtSession
+
+
+@pytest.fixture(scope="module")
+def engine_artifacts(tiny_artifacts, tmp_path_factory):
+    """A copy of the tiny artifacts with CPU engines (the shared fixture stays engine-free)."""
+    from sdrt.export.cpu_engines import build_cpu_engines
+
+    root = tmp_path_factory.mktemp("cpu-engines") / "tiny-sd"
+    shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("engines"))
+    report = build_cpu_engines(root, threads=2)
+    assert report.built == ["text_encoder", "unet", "vae_decoder", "vae_encoder"] and not report.kept
+    return root
+
+
+def test_isa_key_names_the_instruction_sets():
+    assert isa_key({"avx2", "fma", "sse4_2"}) == "avx2"
+    assert isa_key({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}) == "avx512"
+    zen4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+    assert isa_key(zen4) == "avx512-vnni-bf16"
+    assert isa_key({"avx2", "fma", "avx_vnni", "amx_tile"}) == "avx2-avx-vnni-amx"
+    assert isa_key({"sse2"}) == "sse"
+
+
+def test_engines_are_fused_optimized_and_recorded(engine_artifacts):
+    folder = engine_folder(engine_artifacts)
+    records = read_records(folder)
+    manifest = Manifest.load(engine_artifacts)
+    for name, record in records.items():
+        assert record.onnx_fingerprint == onnx_fingerprint(engine_artifacts, manifest.components[name])
+        assert record.verification["max_abs_error"] <= 1e-3 * max(record.verification["scale"], 1.0)
+        graph = onnx.load(str(folder / record.file), load_external_data=False).graph
+        ops = {n.op_type for n in graph.node}
+        # The saved graph is onnxruntime's optimized one (NCHWc layouts), its weights in the data file.
+        if isa_key().startswith(("avx2", "avx512")) and name != "text_encoder":  # no convolutions in CLIP
+            assert {"ReorderInput", "ReorderOutput"} & ops, (name, sorted(ops))
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+        if name in ("unet", "text_encoder"):  # the graphs with attention: fused into onnxruntime's kernel
+            assert "MultiHeadAttention" in ops, (name, sorted(ops))
+            assert record.fusions.get("sdpa", 0) >= 1
+    unet_ops = {n.op_type for n in onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph.node}
+    assert "Softmax" not in unet_ops  # no attention left unfused in the UNet
+
+
+def test_second_build_keeps_every_engine(engine_artifacts):
+    from sdrt.export.cpu_engines import build_cpu_engines
+
+    report = build_cpu_engines(engine_artifacts)
+    assert report.built == [] and report.kept == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+
+
+def test_pipeline_with_engines_equals_the_portable_graphs(engine_artifacts):
+    args = dict(prompt="a red bicycle", height=64, width=96, num_inference_steps=4, seed=3)
+    with (
+        Pipeline.load(engine_artifacts, threads=2) as fast,
+        Pipeline.load(engine_artifacts, threads=2, cache=False) as plain,
+    ):
+        assert all(s.engine is not None for s in fast.sessions.values())
+        assert all(s.engine is None for s in plain.sessions.values())
+        a, b = fast(**args).images.astype(int), plain(**args).images.astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_stale_engines_are_named_and_skipped(engine_artifacts, caplog):
+    folder = engine_folder(engine_artifacts)
+    manifest = Manifest.load(engine_artifacts)
+    unet = manifest.components["unet"]
+    record = read_records(folder)["unet"]
+    fingerprint = onnx_fingerprint(engine_artifacts, unet)
+    assert stale_reason(record, folder, fingerprint) is None
+    assert "re-exported" in stale_reason(record, folder, "0" * 64)
+    old = type(record)(**{**record.__dict__, "onnxruntime_version": "1.0.0"})
+    assert "built by onnxruntime 1.0.0" in stale_reason(old, folder, fingerprint)
+    assert stale_reason(None, folder, fingerprint) == "no engine yet"
+
+    # A record that no longer matches its ONNX: the runtime loads the portable graph and says why.
+    path = folder / RECORDS
+    saved = path.read_text()
+    data = json.loads(saved)
+    data["engines"]["unet"]["onnx_fingerprint"] = "0" * 64
+    path.write_text(json.dumps(data))
+    try:
+        engine, why = find_engine(engine_artifacts, unet)
+        assert engine is None and "re-exported" in why and "sdrt engines" in why
+        with caplog.at_level(logging.INFO, logger="sdrt.runtime.session"):
+            session = OrtSession(engine_artifacts, unet, use_engine=True)
+        assert session.engine is None
+        assert "loading the portable graph" in caplog.text
+    finally:
+        path.write_text(saved)
+
+
+def test_engine_folder_is_keyed_by_isa_and_onnxruntime(engine_artifacts):
+    import onnxruntime
+
+    name = engine_folder(engine_artifacts).name
+    assert name == f"onnxruntime-cpu_{isa_key()}_ort{onnxruntime.__version__}"
