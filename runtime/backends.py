@@ -119,10 +119,9 @@ def _ov_precisions() -> tuple[str, ...]:
 
 
 def _ov_open(root: Path, manifest: Manifest, component: Component, options: LoadOptions) -> Session:
-    from sdrt.runtime.engine_cache import ENGINES_DIR
-    from sdrt.runtime.openvino_backend import OpenVINOSession
+    from sdrt.runtime.openvino_backend import OpenVINOSession, cache_folder
 
-    cache_dir = Path(root) / ENGINES_DIR / "openvino" if options.cache else None
+    cache_dir = cache_folder(root, component) if options.cache else None
     return OpenVINOSession(root, component, options.threads, options.precision, cache_dir)
 
 

@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdrt.runtime.errors import ArtifactError
-from sdrt.runtime.hashing import sha256_file
+from sdrt.runtime.hashing import VerifiedFiles, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Beside the engines: per-machine state, not part of the export (whose files the manifest lists).
+VERIFIED_NAME = "engines/verified-files.json"
 
 Dim = int | str
 
@@ -156,11 +158,16 @@ class Manifest:
         return files
 
     def check_files(self, root: Path, verify_hashes: bool = True) -> None:
+        """Every listed file exists with its size; with ``verify_hashes``, its sha256 too (recomputed
+        only for files changed since they last matched: see ``VerifiedFiles``)."""
+        verified = VerifiedFiles(Path(root) / VERIFIED_NAME) if verify_hashes else None
         for record in self.all_files():
-            check_file(Path(root), record, verify_hashes)
+            check_file(Path(root), record, verify_hashes, verified)
+        if verified is not None:
+            verified.save()
 
 
-def check_file(root: Path, record: FileRecord, verify_hash: bool = True) -> None:
+def check_file(root: Path, record: FileRecord, verify_hash: bool = True, verified: VerifiedFiles | None = None) -> None:
     path = root / record.path
     if not path.is_file():
         raise ArtifactError(f"{path}: expected a file listed in the manifest, found none (re-run the export)")
@@ -168,7 +175,7 @@ def check_file(root: Path, record: FileRecord, verify_hash: bool = True) -> None
     if size != record.bytes:
         raise ArtifactError(f"{path}: expected {record.bytes} bytes per the manifest, got {size} (re-run the export)")
     if verify_hash:
-        digest = sha256_file(path)
+        digest = verified.sha256(path) if verified is not None else sha256_file(path)
         if digest != record.sha256:
             raise ArtifactError(
                 f"{path}: expected sha256 {record.sha256} per the manifest, got {digest} "
