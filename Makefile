@@ -18,10 +18,14 @@ else
   NAME ?= $(notdir $(patsubst %/,%,$(MODEL)))
   SOURCE := $(MODEL)
 endif
-# fp32 or fp16 graphs (fp16 keeps float32 inputs/outputs and the parts known to overflow in fp32).
+# fp32 or fp16 graphs (fp16 keeps float32 inputs/outputs and the parts known to overflow in fp32), or
+# int8: the fp32 export (artifacts/NAME) quantized by `sdrt quantize` into artifacts/NAME-int8.
 PRECISION ?= fp32
 ARTIFACTS ?= artifacts/$(NAME)$(if $(filter fp32,$(PRECISION)),,-$(PRECISION))
 EXPORT_ARGS ?=
+QUANTIZE_ARGS ?=
+EXPORT_PRECISION := $(if $(filter int8,$(PRECISION)),fp32,$(PRECISION))
+EXPORT_OUT := $(if $(filter int8,$(PRECISION)),artifacts/$(NAME),$(ARTIFACTS))
 # TensorRT engine profile (NVIDIA machines; skipped with a message elsewhere): images per call and
 # image sizes in pixels, each N or MIN:OPT:MAX. The UNet's batch is doubled for guidance.
 TRT_BATCH ?= 1:1:4
@@ -66,10 +70,12 @@ sd15-random: models/sd15-random/$(MARKER)
 models/sd15-random/$(MARKER): $(VENV)/.installed FORCE
 	@$(SDRT) random-model --preset sd15 --out $(@D)
 
-# Export always asks sdrt, which compares content hashes and does nothing when inputs are unchanged;
-# the sample image is remade only when the manifest changed.
+# Export (and quantize) always ask sdrt, which compares content hashes and does nothing when inputs are
+# unchanged; `sdrt engines` builds this machine's onnxruntime CPU engines (and TensorRT engines on NVIDIA
+# machines) only where missing or stale; the sample image is remade only when the manifest changed.
 engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd/$(MARKER))
-	$(SDRT) export --model $(SOURCE) --out $(ARTIFACTS) --precision $(PRECISION) $(EXPORT_ARGS)
+	$(SDRT) export --model $(SOURCE) --out $(EXPORT_OUT) --precision $(EXPORT_PRECISION) $(EXPORT_ARGS)
+	$(if $(filter int8,$(PRECISION)),$(SDRT) quantize --artifacts $(EXPORT_OUT) --out $(ARTIFACTS) $(QUANTIZE_ARGS))
 	$(SDRT) engines --artifacts $(ARTIFACTS) --batch $(TRT_BATCH) --height $(TRT_HEIGHT) --width $(TRT_WIDTH) \
 	  --precision $(TRT_PRECISION) $(ENGINE_ARGS)
 	@$(MAKE) --no-print-directory $(ARTIFACTS).png
