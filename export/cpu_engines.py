@@ -204,8 +204,10 @@ def verify_engine(root: Path, manifest: Manifest, component: Component, engine: 
 
     feed = sample_feed(component, manifest, np.random.default_rng(0))
     outputs = {}
+    # The reference is what the runtime runs without an engine: the portable graph at onnxruntime's
+    # highest level (for int8 graphs that means integer kernels, not QDQ simulated in float).
     for path, level in (
-        (root / component.path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+        (root / component.path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
         (engine, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
     ):
         options = ort.SessionOptions()
@@ -219,9 +221,30 @@ def verify_engine(root: Path, manifest: Manifest, component: Component, engine: 
     reference, got = outputs[root / component.path], outputs[engine]
     error = max(float(np.abs(a - b).max()) for a, b in zip(reference, got))
     scale = max(float(np.abs(a).max()) for a in reference)
-    if not np.isfinite(error) or error > TOLERANCE * max(scale, 1.0):
+    bound = tolerance(component, scale)
+    if not np.isfinite(error) or error > bound:
         raise ExportError(
             f"{component.name}: the onnxruntime CPU engine differs from the portable graph: expected max abs error "
-            f"<= {TOLERANCE * max(scale, 1.0):.2e}, got {error:.2e} (`sdrt engines --no-fusions` builds one without onnxscript's fusions)"
+            f"<= {bound:.2e}, got {error:.2e} (`sdrt engines --no-fusions` builds one without onnxscript's fusions)"
         )
-    return {"max_abs_error": error, "scale": scale, "shapes": {k: list(v.shape) for k, v in feed.items()}}
+    return {
+        "max_abs_error": error,
+        "bound": bound,
+        "scale": scale,
+        "shapes": {k: list(v.shape) for k, v in feed.items()},
+    }
+
+
+def tolerance(component: Component, scale: float) -> float:
+    """How far the engine may be from the portable graph.
+
+    Float graphs: fusions only reorder float arithmetic, so 1e-3 of the output's scale. int8 graphs:
+    a fused op changes its float inputs by an ulp, which moves some values across a quantization step,
+    so the engine and the portable graph are two int8 approximations of the same fp32 graph (SD 1.5's
+    UNet: 26.8 dB apart, each 26.6 dB from fp32 on the same random input). They may then differ by up to
+    the sum of their errors: twice the error ``sdrt quantize`` measured against fp32.
+    """
+    measured = component.verification.get("max_abs_error") if component.precision == "int8" else None
+    if measured:
+        return 2.0 * float(measured)
+    return TOLERANCE * max(scale, 1.0)

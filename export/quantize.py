@@ -29,9 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.export import graph
 from sdrt.export.atomic import atomic_directory
-from sdrt.export.build import tool_versions, up_to_date
 from sdrt.runtime.engine_cache import ENGINES_DIR
 from sdrt.runtime.errors import ExportError
 from sdrt.runtime.hashing import sha256_file
@@ -134,6 +132,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def input_fingerprint(source: Path, options: QuantizeOptions) -> str:
     """sha256 over the source manifest (which holds every source file's hash), the options, the tool
     versions and this module's code."""
+    from sdrt.export.build import tool_versions  # onnx, torch: imported when a command runs, not when it registers
+
     h = hashlib.sha256()
     h.update(sha256_file(Path(source) / MANIFEST_NAME).encode())
     h.update(
@@ -148,6 +148,8 @@ def input_fingerprint(source: Path, options: QuantizeOptions) -> str:
 def quantize_artifacts(
     source: Path, out_dir: Path, options: QuantizeOptions = QuantizeOptions(), force: bool = False
 ) -> QuantizeReport:
+    from sdrt.export.build import tool_versions, up_to_date
+
     started = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
     manifest = _check_source(source, out_dir, options)
@@ -314,7 +316,11 @@ def _record_runs(artifacts: Path, options: QuantizeOptions, prompts, first_seed:
     with Pipeline.load(artifacts, backend="onnxruntime", verify_hashes=False, cache=False) as pipe:
         recorders = {name: RecordingSession(pipe.sessions[name]) for name in QUANTIZABLE}
         pipe.sessions.update(recorders)
-        images = [_generate(pipe, p, s, options).images[0] for p, s in zip(prompts, seeds)]
+        images = []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds), 1):
+            t0 = time.perf_counter()
+            images.append(_generate(pipe, prompt, seed, options).images[0])
+            log.info("    fp32 run %d/%d (seed %d) in %.1f s", i, len(prompts), seed, time.perf_counter() - t0)
     return Recording(
         list(prompts),
         seeds,
@@ -335,6 +341,8 @@ class _FeedReader:
         if self._next >= len(self._feeds):
             return None
         self._next += 1
+        if self._next % 8 == 0 or self._next == len(self._feeds):  # minutes on a full-size UNet: show progress
+            log.info("    calibration sample %d/%d", self._next, len(self._feeds))
         return self._feeds[self._next - 1]
 
     def __len__(self) -> int:
@@ -373,6 +381,8 @@ def _quantize_component(
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from sdrt.export import graph
+
     started = time.perf_counter()
     src_graph = source / fp32.path
     # onnxruntime writes its shape-inferred copy next to the graph it is given: work on links in a
@@ -380,7 +390,10 @@ def _quantize_component(
     scratch = tmp / f".quantize-{fp32.name}"
     scratch.mkdir()
     for f in fp32.files:
-        _link_or_copy(source / f.path, scratch / Path(f.path).name)
+        if f.path.endswith(".data"):  # onnx refuses hard-linked external data ("potential hardlink attack")
+            shutil.copyfile(source / f.path, scratch / Path(f.path).name)
+        else:
+            _link_or_copy(source / f.path, scratch / Path(f.path).name)
     # No quant_pre_process: its symbolic shape inference fails on the dynamo-exported UNet ("Incomplete
     # symbolic shape inference"), onnxslim already folded the constants, and quantize_static runs ONNX
     # shape inference itself (so onnxruntime's "consider pre-processing" warning is expected).

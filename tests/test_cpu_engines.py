@@ -58,10 +58,19 @@ def test_engines_are_fused_optimized_and_recorded(engine_artifacts):
 
 
 def test_second_build_keeps_every_engine(engine_artifacts):
-    from sdrt.export.cpu_engines import build_cpu_engines
+    import subprocess
+    import sys
 
-    report = build_cpu_engines(engine_artifacts)
-    assert report.built == [] and report.kept == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    run = subprocess.run(
+        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(engine_artifacts)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == (
+        f"onnxruntime CPU engines in {engine_folder(engine_artifacts)}: built none, "
+        "up to date text_encoder, unet, vae_decoder, vae_encoder"
+    )
 
 
 def test_pipeline_with_engines_equals_the_portable_graphs(engine_artifacts):
@@ -110,3 +119,14 @@ def test_engine_folder_is_keyed_by_isa_and_onnxruntime(engine_artifacts):
 
     name = engine_folder(engine_artifacts).name
     assert name == f"onnxruntime-cpu_{isa_key()}_ort{onnxruntime.__version__}"
+
+
+def test_int8_engines_may_differ_by_their_quantization_error(tiny_artifacts):
+    import dataclasses
+
+    from sdrt.export.cpu_engines import tolerance
+
+    unet = Manifest.load(tiny_artifacts).components["unet"]
+    assert tolerance(unet, scale=4.0) == pytest.approx(4e-3)  # float graphs: 1e-3 of the output's scale
+    int8 = dataclasses.replace(unet, precision="int8", verification={"max_abs_error": 0.3, "psnr_db": 35.0})
+    assert tolerance(int8, scale=4.0) == pytest.approx(0.6)  # two int8 approximations of one fp32 graph

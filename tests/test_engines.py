@@ -219,7 +219,17 @@ def test_engine_option_errors():
 # -- CPU-only behaviour of the commands -----------------------------------------------------------
 def test_engines_command_skips_cleanly_without_tensorrt(tiny_artifacts):
     run = subprocess.run(
-        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(tiny_artifacts), "--batch", "1:2:4"],
+        [
+            sys.executable,
+            "-m",
+            "sdrt.runtime",
+            "engines",
+            "--artifacts",
+            str(tiny_artifacts),
+            "--batch",
+            "1:2:4",
+            "--no-cpu",  # CPU engines: tests/test_cpu_engines.py, on a copy (this fixture is shared)
+        ],
         capture_output=True,
         text=True,
     )
@@ -230,9 +240,10 @@ def test_engines_command_skips_cleanly_without_tensorrt(tiny_artifacts):
     )
     assert lines[-1].startswith("TensorRT engines skipped: tensorrt is not installed")
     assert "--backend onnxruntime" in lines[-1]
-    assert not (tiny_artifacts / "engines").exists()
+    # No engine folder of any kind (verified-files.json is the hash check's record, from any load).
+    assert not [p.name for p in (tiny_artifacts / "engines").glob("*") if p.name != "verified-files.json"]
     strict = subprocess.run(
-        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(tiny_artifacts), "--require"],
+        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(tiny_artifacts), "--require", "--no-cpu"],
         capture_output=True,
         text=True,
     )

@@ -110,6 +110,10 @@ def test_bench_runs_optimum_as_a_second_baseline(tiny_artifacts, tmp_path):
         results_dir=tmp_path,
         optimum_folder=FOLDER,
         optimum_python=PYTHON,
+        backends=("onnxruntime",),
+        precisions=("fp32",),
+        matmul_size=256,  # the machine's matmul rate is tested in test_bench.py; here it only has to exist
+        matmul_budget_s=0.05,
     )
     rows = run_benchmark(config, progress=lambda line: None)
     assert [r["implementation"] for r in rows] == ["sdrt", "diffusers", "optimum"]
