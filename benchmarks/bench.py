@@ -1,12 +1,18 @@
 """``sdrt bench``: latency per component, per step and end to end, beside diffusers in the same run.
 
-For every backend available here and every requested batch, image size and step count, the sdrt
-pipeline and the diffusers/PyTorch baseline (same model folder, same scheduler, same latents, same
-thread count) run in interleaved pairs after warming up until steady. Each pair gives a ratio, so
-machine noise that hits both runs of a pair cancels; the report gives the median ratio and its
-spread. Rows are self-describing (device, versions, model, precision, shapes, steps, scheduler)
-and appended to ``benchmarks/results/<device>.jsonl``; ``sdrt bench report`` merges files from many
-machines into one table and chart.
+Every implementation runs in a process of its own (``worker.py``; optimum's in its own environment,
+``optimum_worker.py``), so load time, resident memory after load and peak memory are each one's
+own. The sdrt variants are every requested artifact directory (e.g. fp32 and its int8 copy) on
+every backend in every compute precision; a combination this machine or backend lacks becomes a
+row saying why instead of metrics. For every batch, image size and step count all of them, after
+warming up until steady, run in interleaved rounds: each sdrt variant once, then each baseline
+(diffusers/PyTorch; optimum) once. Each sdrt run is paired with the baseline runs of its round, so
+machine noise that hits a round cancels in its ratios; the report gives the median ratio and its
+spread. Once per bench run a large fp32 MatMul measures what this machine achieves (and bf16 where
+OpenVINO has it), and each row gives its UNet's FLOP/s as a fraction of that. Rows are
+self-describing (device, machine, versions, model, precisions, shapes, steps, scheduler) and appended
+to ``benchmarks/results/<device>.jsonl``; ``sdrt bench report`` merges files from many machines into
+one table and chart.
 """
 
 from __future__ import annotations
@@ -15,20 +21,31 @@ import json
 import logging
 import os
 import platform
+import queue
 import re
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime.errors import InputError
+from sdrt.benchmarks import matmul
+from sdrt.benchmarks.worker import RunTimes
+from sdrt.runtime import backends
+from sdrt.runtime.cpu_features import cpu_summary
+from sdrt.runtime.errors import BackendError, InputError
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.ort_cpu_engines import isa_key
 
 log = logging.getLogger(__name__)
 
-ROW_SCHEMA = 1
+ROW_SCHEMA = 2  # 2: one process per implementation, rows per backend and precision, the machine's matmul rate
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STEADY = 0.05  # warm-up ends when two consecutive runs differ by less than this fraction
 MAX_WARMUPS = 8
@@ -70,8 +87,10 @@ def device_info(backend: str) -> dict:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0,
         "platform": platform.platform(),
+        # "AMD EPYC" names Zen 3 and Zen 4 alike; the instruction sets tell such machines apart.
+        "isa": isa_key(),
     }
-    if backend != "onnxruntime":
+    if backends.get(backend).device == "gpu":
         from sdrt.runtime.tensorrt_backend import current_device
 
         gpu = current_device()
@@ -83,12 +102,15 @@ def device_info(backend: str) -> dict:
 def device_slug(device: dict) -> str:
     name = re.sub(r"\(r\)|\(tm\)|cpu|@.*$", "", device["name"].lower())
     name = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-    return f"{device['kind']}_{name}_{device['cores']}c" if device["kind"] == "cpu" else f"gpu_{name}"
+    if device["kind"] != "cpu":
+        return f"gpu_{name}"
+    isa = f"_{device['isa']}" if device.get("isa") else ""
+    return f"cpu_{name}{isa}_{device['cores']}c"
 
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for tool in ("sdrt", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "diffusers", "numpy"):
+    for tool in ("sdrt", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "torch", "diffusers", "numpy"):
         try:
             out[tool] = metadata.version(tool)
         except metadata.PackageNotFoundError:
@@ -96,188 +118,87 @@ def versions() -> dict:
     return out
 
 
-class PeakMemory:
-    """Peak resident memory of this process during a block (Linux: VmHWM, reset through clear_refs)."""
-
-    def __enter__(self) -> PeakMemory:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.resettable = True
-        except OSError:
-            self.resettable = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.peak = _vm_hwm()
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    height: int
+    width: int
+    steps: int
 
 
-def _vm_hwm() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# -- the implementations, one process each ---------------------------------------------------------
+LOAD_TIMEOUT_S = 1800.0  # compiling SD 1.5 for a backend takes minutes on a small CPU; beyond this, a hang
+RUN_TIMEOUT_BASE_S = 300.0  # per run request: this, plus ...
+RUN_TIMEOUT_PER_STEP_S = 60.0  # ... this per denoising step of one 512x512 image (scaled by batch and pixels)
 
 
-# -- the two implementations -------------------------------------------------------------------
-@dataclass
-class RunTimes:
-    """One generation: seconds per stage, and per denoising step."""
-
-    total: float
-    text_encoder: float
-    vae_decoder: float
-    unet_calls: list[float]
-    step_walls: list[float]
-    scheduler_steps: list[float] = field(default_factory=list)
-
-    @property
-    def overhead(self) -> list[float]:  # wall time of each step outside its UNet call
-        return [w - u for w, u in zip(self.step_walls, self.unet_calls)]
+def run_timeout(case: Case) -> float:
+    """How long one run of ``case`` may take before its worker counts as hung: generous (tens of times
+    a slow CPU's time) because it only exists to turn a hang into an error."""
+    units = case.batch * case.steps * case.height * case.width / (512 * 512)
+    return RUN_TIMEOUT_BASE_S + RUN_TIMEOUT_PER_STEP_S * units
 
 
-class SdrtRunner:
-    name = "sdrt"
+class Worker:
+    """One implementation in its own process (``worker.py``; ``optimum_worker.py`` in optimum's
+    environment), answering run requests in JSON lines. Every read has a deadline, and a worker that
+    dies, errs or overruns raises an sdrt error naming the implementation, never a hang."""
 
-    def __init__(self, artifacts: Path, backend: str, threads: int, scheduler: str | None):
-        from sdrt.runtime import Pipeline
-
-        self.backend = backend
-        self.pipe = Pipeline.load(artifacts, backend=backend, threads=threads, scheduler=scheduler)
-
-    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
-        t0 = time.perf_counter()
-        r = self.pipe(
-            prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, latents=latents
-        )
-        total = time.perf_counter() - t0
-        t = r.timings
-        return RunTimes(
-            total, t["text_encoder"], t["vae_decoder"], t["unet_calls"], t["unet_steps"], t["scheduler_steps"]
-        )
-
-    def close(self) -> None:
-        self.pipe.close()
-
-
-class DiffusersRunner:
-    """diffusers' StableDiffusionPipeline in PyTorch (fp32, CPU), timed by hooks on its modules."""
-
-    name = "diffusers"
-
-    def __init__(self, source: Path, threads: int, scheduler: str | None):
-        import torch
-        from diffusers import StableDiffusionPipeline
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None)
-        self.pipe.set_progress_bar_config(disable=True)
-        if scheduler:
-            import diffusers
-
-            from sdrt.runtime.schedulers import ALIASES
-
-            class_name, options = ALIASES.get(scheduler, (scheduler, {}))
-            self.pipe.scheduler = getattr(diffusers, class_name).from_config(self.pipe.scheduler.config, **options)
-        self._calls: dict[str, list[float]] = {}
-        for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
-            module.register_forward_pre_hook(self._pre(name))
-            module.register_forward_hook(self._post(name))
-        decode = self.pipe.vae.decode
-
-        def timed_decode(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = decode(*args, **kwargs)
-            self._calls.setdefault("vae_decoder", []).append(time.perf_counter() - t0)
-            return out
-
-        self.pipe.vae.decode = timed_decode
-
-    def _pre(self, name):
-        def hook(module, args):
-            self._start = time.perf_counter()
-
-        return hook
-
-    def _post(self, name):
-        def hook(module, args, output):
-            self._calls.setdefault(name, []).append(time.perf_counter() - self._start)
-
-        return hook
-
-    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
-        self._calls = {}
-        marks: list[float] = []
-
-        def on_step_end(pipe, i, t, kwargs):
-            marks.append(time.perf_counter())
-            return kwargs
-
-        torch = self.torch
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            self.pipe(
-                prompts,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=torch.from_numpy(latents),
-                output_type="np",
-                callback_on_step_end=on_step_end,
-            )
-        total = time.perf_counter() - t0
-        unet = self._calls.get("unet", [])
-        # A step runs from the end of the previous one (the first: from its UNet call's start, less
-        # the call itself, so the set-up before the loop is not charged to it).
-        first_start = marks[0] - (unet[0] if unet else 0) if marks else t0
-        walls = np.diff([first_start, *marks]).tolist() if marks else []
-        if walls and unet:
-            walls[0] = max(walls[0], unet[0])
-        return RunTimes(
-            total, sum(self._calls.get("text_encoder", [])), sum(self._calls.get("vae_decoder", [])), unet, walls
-        )
-
-    def close(self) -> None:
-        self.pipe = None
-
-
-class OptimumRunner:
-    """optimum's ORTStableDiffusionPipeline, in optimum's own environment (``optimum_worker.py``),
-    kept running so that runs interleave with ours as the diffusers ones do."""
-
-    name = "optimum"
-
-    def __init__(self, folder: Path, python: Path, threads: int):
-        import subprocess
-        import tempfile
-
-        worker = Path(__file__).with_name("optimum_worker.py")
-        if not Path(python).is_file():
-            raise InputError(
-                f"optimum baseline: expected the Python of optimum's environment at {python}, found none "
-                "(`make .venv-optimum/.installed` makes one)"
-            )
+    def __init__(self, name: str, command: list[str], load_timeout: float = LOAD_TIMEOUT_S):
+        self.name = name
         self._tmp = tempfile.TemporaryDirectory(prefix="sdrt-bench-")
+        self._stderr = open(Path(self._tmp.name) / "stderr.txt", "w+")  # noqa: SIM115 - closed in close()
+        log.debug("starting %s: %s", name, " ".join(command))
         self._proc = subprocess.Popen(
-            [str(python), str(worker), str(folder), str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
         )
-        hello = self._proc.stdout.readline() if self._proc.stdout else ""
-        if not hello.strip().startswith("{"):
-            raise InputError(f"optimum baseline: the worker in {python} did not start (is optimum installed there?)")
-        self.version = json.loads(hello).get("optimum", "")
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, name=f"bench-{name}", daemon=True).start()
+        try:
+            self.hello = self._read(load_timeout, "loading")
+        except BaseException:
+            self.close()
+            raise
+        self.last_reply: dict = {}
 
-    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+    def _pump(self) -> None:
+        assert self._proc.stdout
+        for line in self._proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _read(self, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._proc.kill()
+                raise BackendError(
+                    f"bench: {self.name}: expected an answer to {what} within {timeout:.0f} s, got none; the worker "
+                    f"was stopped{self._stderr_tail()}"
+                ) from None
+            if line is None:
+                code = self._proc.wait(timeout=10)
+                raise BackendError(
+                    f"bench: {self.name}: the worker ended (exit code {code}) during {what}{self._stderr_tail()}"
+                )
+            if line.lstrip().startswith("{"):  # anything else is a library's chatter, not a reply
+                break
+        reply = json.loads(line)
+        if "error" in reply:
+            error = InputError if reply.get("type") == "InputError" else BackendError
+            raise error(f"bench: {self.name}: {what} failed: {reply.get('type', 'error')}: {reply['error']}")
+        return reply
+
+    def _stderr_tail(self, lines: int = 15) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        tail = self._stderr.read().strip().splitlines()[-lines:]
+        return "; its last output:\n" + "\n".join(tail) if tail else " (it wrote nothing to stderr)"
+
+    def run(self, case: Case, args: tuple) -> RunTimes:
+        prompts, height, width, steps, guidance, latents = args
         path = Path(self._tmp.name) / "latents.npy"
         np.save(path, latents)
         request = {
@@ -288,37 +209,97 @@ class OptimumRunner:
             "guidance": guidance,
             "latents": str(path),
         }
-        assert self._proc.stdin and self._proc.stdout
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
-        if not line:
-            raise InputError("optimum baseline: the worker stopped (run it by hand to see why)")
-        r = json.loads(line)
-        return RunTimes(r["total"], r["text_encoder"], r["vae_decoder"], r["unet_calls"], r["step_walls"])
+        what = f"a run of batch {case.batch} {case.height}x{case.width} {case.steps} steps"
+        try:
+            assert self._proc.stdin
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        except OSError:  # a dead worker's closed pipe: its end of output, and its stderr, say why
+            self._read(10.0, what)
+            raise BackendError(f"bench: {self.name}: the worker stopped reading requests") from None
+        self.last_reply = r = self._read(run_timeout(case), what)
+        return RunTimes(
+            r["total"],
+            r["text_encoder"],
+            r["vae_decoder"],
+            r["unet_calls"],
+            r["step_walls"],
+            r.get("scheduler_steps", []),
+        )
+
+    def memory(self) -> dict:
+        """This implementation's own load time and memory, from its hello line and its latest reply."""
+        return {
+            "load_s": self.hello.get("load_s"),
+            "rss_after_load_bytes": self.hello.get("rss_after_load_bytes"),
+            "peak_rss_bytes": self.last_reply.get("peak_rss_bytes"),
+        }
 
     def close(self) -> None:
-        if self._proc.stdin:
-            self._proc.stdin.close()
-        self._proc.wait(timeout=60)
-        self._tmp.cleanup()
+        try:
+            if self._proc.stdin:
+                self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+        finally:
+            self._stderr.close()
+            self._tmp.cleanup()
+
+
+def _worker_command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "sdrt.benchmarks.worker", json.dumps(spec)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One sdrt configuration under test: an artifact directory on a backend in a compute precision."""
+
+    artifacts: Path
+    backend: str
+    precision: str  # compute precision
+    tag: str = ""  # the artifact directory's name, when several are measured
+
+    @property
+    def name(self) -> str:
+        return " ".join(filter(None, ("sdrt", self.backend, self.precision, self.tag)))
+
+    def start(self, threads: int, scheduler: str | None) -> Worker:
+        spec = {
+            "implementation": "sdrt",
+            "artifacts": str(self.artifacts.absolute()),
+            "backend": self.backend,
+            "precision": self.precision,
+            "threads": threads,
+            "scheduler": scheduler,
+        }
+        return Worker(self.name, _worker_command(spec))
+
+
+def start_diffusers(source: Path, threads: int, scheduler: str | None) -> Worker:
+    spec = {"implementation": "diffusers", "folder": str(source.absolute()), "threads": threads, "scheduler": scheduler}
+    return Worker("diffusers", _worker_command(spec))
+
+
+def start_optimum(folder: Path, python: Path, threads: int) -> Worker:
+    """optimum's ORTStableDiffusionPipeline in optimum's own environment (``optimum_worker.py``)."""
+    if not Path(python).is_file():
+        raise InputError(
+            f"optimum baseline: expected the Python of optimum's environment at {python}, found none "
+            "(`make .venv-optimum/.installed` makes one)"
+        )
+    script = Path(__file__).with_name("optimum_worker.py")
+    return Worker("optimum", [str(python), str(script), str(Path(folder).absolute()), str(threads)])
 
 
 # -- one benchmark configuration ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Case:
-    batch: int
-    height: int
-    width: int
-    steps: int
-
-
-def warm_up(runner, case: Case, args: tuple, minimum: int) -> int:
+def warm_up(run: Callable[[], RunTimes], minimum: int) -> int:
     """Run until two consecutive end-to-end times agree within STEADY (onnxruntime needs more than
     one run before a large UNet call settles); return how many runs it took."""
     last = None
     for n in range(1, MAX_WARMUPS + 1):
-        total = runner(*args).total
+        total = run().total
         if n >= minimum and last is not None and abs(total - last) <= STEADY * min(total, last):
             return n
         last = total
@@ -358,8 +339,9 @@ def ratios(ours: list[RunTimes], base: list[RunTimes]) -> dict:
 
 @dataclass
 class BenchConfig:
-    artifacts: Path
-    backends: tuple[str, ...] = ("onnxruntime",)
+    artifacts: Path | tuple[Path, ...]  # one or more artifact directories of the same model (e.g. fp32 and int8)
+    backends: tuple[str, ...] | None = None  # None: every backend available here
+    precisions: tuple[str, ...] | None = None  # compute precisions; None: fp32 and every other one sdrt knows
     batches: tuple[int, ...] = (1,)
     sizes: tuple[tuple[int, int], ...] = ((256, 256),)
     steps: tuple[int, ...] = (20,)
@@ -374,24 +356,55 @@ class BenchConfig:
     optimum_python: Path = Path(".venv-optimum/bin/python")
     prompt: str = "a photograph of an astronaut riding a horse"
     results_dir: Path = RESULTS_DIR
+    matmul_size: int = matmul.SIZE  # the square MatMul that measures the machine's achievable rate
+    matmul_budget_s: float = matmul.BUDGET_S
+
+    def artifact_dirs(self) -> tuple[Path, ...]:
+        return (Path(self.artifacts),) if isinstance(self.artifacts, (str, Path)) else tuple(map(Path, self.artifacts))
+
+    def compute_precisions(self) -> tuple[str, ...]:
+        return self.precisions or ("fp32", *(p for p in backends.COMPUTE_PRECISIONS if p != "fp32"))
 
 
 def available_backends() -> list[str]:
-    import onnxruntime as ort
+    return backends.available()
 
-    found = ["onnxruntime"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        found.append("onnxruntime-cuda")
-    from sdrt.runtime.tensorrt_backend import unavailable_reason
 
-    if unavailable_reason() is None:
-        found.append("tensorrt")
-    return found
+def plan(config: BenchConfig) -> tuple[list[Variant], list[tuple[Variant, str]]]:
+    """Every (artifacts, backend, compute precision) asked for: those this machine runs, and those it
+    does not with the BackendError that says why."""
+    dirs = config.artifact_dirs()
+    runnable, unsupported = [], []
+    for artifacts in dirs:
+        for backend in config.backends or available_backends():
+            record = backends.get(backend)
+            for precision in config.compute_precisions():
+                variant = Variant(artifacts, backend, precision, artifacts.name if len(dirs) > 1 else "")
+                try:
+                    backends.check_usable(record, precision)
+                except BackendError as e:
+                    unsupported.append((variant, str(e)))
+                else:
+                    runnable.append(variant)
+    return runnable, unsupported
+
+
+def _same_model(dirs: tuple[Path, ...]) -> dict[Path, Manifest]:
+    # Hashes are checked by each worker's Pipeline.load; here only the layout is read.
+    manifests = {d: Manifest.load(d, verify_hashes=False) for d in dirs}
+    sources = {d: (m.family, m.source.get("path")) for d, m in manifests.items()}
+    if len(set(sources.values())) > 1:
+        raise InputError(
+            f"--artifacts: expected directories of one model (e.g. fp32 and its `sdrt quantize` copy), got "
+            f"{', '.join(f'{d} ({family}, from {src})' for d, (family, src) in sources.items())}"
+        )
+    return manifests
 
 
 def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
-    """Measure every case on every backend (and the baseline); append the rows; return them."""
-    manifest = Manifest.load(config.artifacts)
+    """Measure every case on every sdrt variant (and the baselines); append the rows; return them."""
+    manifests = _same_model(config.artifact_dirs())
+    manifest = next(iter(manifests.values()))
     source = Path(manifest.source.get("path", ""))
     if config.baseline and not (source / "model_index.json").is_file():
         raise InputError(
@@ -399,33 +412,74 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
             "(pass --no-baseline, or re-export from a local folder)"
         )
     threads = config.threads or len(os.sched_getaffinity(0))
-    rows = []
-    baselines = [DiffusersRunner(source, threads, config.scheduler)] if config.baseline else []
-    if config.optimum_folder:
-        baselines.append(OptimumRunner(config.optimum_folder, config.optimum_python, threads))
-    for backend in config.backends:
-        device = device_info(backend)
-        runner = SdrtRunner(config.artifacts, backend, threads, config.scheduler)
-        unet_path = config.artifacts / manifest.components["unet"].path
-        try:
-            for batch in config.batches:
-                for height, width in config.sizes:
-                    for steps in config.steps:
-                        case = Case(batch, height, width, steps)
-                        rows += _measure(
-                            config, manifest, device, backend, runner, baselines, case, threads, unet_path, progress
-                        )
-        finally:
-            runner.close()
-    for base in baselines:
-        base.close()
+    variants, unsupported = plan(config)
+    for variant, reason in unsupported:
+        progress(f"{variant.name}: not measured: {reason}")
+    progress(f"measuring the machine's matmul rate ({config.matmul_size}^3, {threads} threads)")
+    machine = {"cpu": cpu_summary(), "matmul": matmul.measure(threads, config.matmul_size, config.matmul_budget_s)}
+    progress(f"matmul: {_matmul_line(machine['matmul'])}")
+    gpu = next((v.backend for v in variants if backends.get(v.backend).device == "gpu"), None)
+    context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"))
+    ours: dict[Variant, Worker] = {}
+    baselines: list[Worker] = []
+    try:
+        for variant in variants:
+            ours[variant] = _started(variant.start(threads, config.scheduler), progress)
+        if config.baseline:
+            baselines.append(_started(start_diffusers(source, threads, config.scheduler), progress))
+        if config.optimum_folder:
+            baselines.append(_started(start_optimum(config.optimum_folder, config.optimum_python, threads), progress))
+        rows = []
+        for case in _cases(config):
+            case_rows = _measure(context, ours, baselines, case, progress)
+            case_rows += [_unsupported_row(context, case, v, reason) for v, reason in unsupported]
+            _append(context, case_rows, progress)
+            rows += case_rows
+    finally:
+        for worker in [*ours.values(), *baselines]:
+            worker.close()
     return rows
 
 
-def _measure(config, manifest, device, backend, runner, baselines, case, threads, unet_path, progress):
-    from sdrt.benchmarks.flops import count_flops
+def _started(worker: Worker, progress) -> Worker:
+    m = worker.memory()
+    progress(
+        f"{worker.name}: loaded in {m['load_s']:.1f} s, {(m['rss_after_load_bytes'] or 0) / 2**20:.0f} MiB resident"
+    )
+    return worker
 
-    guided = config.guidance > 1
+
+def _matmul_line(rates: dict) -> str:
+    return ", ".join(
+        f"{name} {r['gflops']:.0f} GFLOP/s ({r['engine']})" if "gflops" in r else f"{name} not measured"
+        for name, r in rates.items()
+    )
+
+
+def _cases(config: BenchConfig) -> list[Case]:
+    return [Case(b, h, w, s) for b in config.batches for h, w in config.sizes for s in config.steps]
+
+
+@dataclass
+class Context:
+    """What every row of one bench run shares."""
+
+    config: BenchConfig
+    manifests: dict[Path, Manifest]
+    machine: dict
+    threads: int
+    device: dict  # the machine's: its GPU when a GPU backend is measured; names the results file
+
+    def flops_graph(self) -> Path:
+        """The UNet graph FLOPs are counted on: an fp32 one when measured (every variant is the same
+        model; a quantized graph's integer ops would count differently), else the first."""
+        fp32 = [d for d, m in self.manifests.items() if m.components["unet"].precision == "fp32"]
+        root = (fp32 or list(self.manifests))[0]
+        return root / self.manifests[root].components["unet"].path
+
+
+def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker], case: Case, progress) -> list[dict]:
+    config, manifest = ctx.config, next(iter(ctx.manifests.values()))
     rng = np.random.default_rng(0)
     shape = (
         case.batch,
@@ -435,101 +489,147 @@ def _measure(config, manifest, device, backend, runner, baselines, case, threads
     )
     latents = rng.standard_normal(shape).astype(np.float32)
     args = ([config.prompt] * case.batch, case.height, case.width, case.steps, config.guidance, latents)
-    label = f"{backend} batch {case.batch} {case.height}x{case.width} {case.steps} steps"
-    progress(f"{label}: warming up")
-    warm = {"sdrt": warm_up(runner, case, args, config.warmups)}
+    label = f"batch {case.batch} {case.height}x{case.width} {case.steps} steps"
+    workers = [*ours.values(), *baselines]
+    warm = {}
+    for w in workers:
+        progress(f"{label}: warming up {w.name}")
+        warm[w.name] = warm_up(lambda w=w: w.run(case, args), config.warmups)
+    # Interleaved rounds: each sdrt variant once, then each baseline once, so every sdrt run has a
+    # baseline run of the same round to pair with and noise that hits a round cancels in its ratios.
+    runs: dict[str, list[RunTimes]] = {w.name: [] for w in workers}
+    for i in range(config.runs):
+        for w in workers:
+            runs[w.name].append(w.run(case, args))
+        times = ", ".join(f"{name} {r[-1].total:.2f} s" for name, r in runs.items())
+        progress(f"{label}: run {i + 1}/{config.runs}: {times}")
+    common = _common(ctx, case, shape)
+    rows = []
+    for variant, w in ours.items():
+        row = _row(ctx, common, w, warm[w.name], runs[w.name], case) | _sdrt_fields(ctx, variant, w)
+        if baselines:
+            row["ratio_to"] = {b.name: ratios(runs[w.name], runs[b.name]) for b in baselines}
+        rows.append(row)
     for b in baselines:
-        warm[b.name] = warm_up(b, case, args, config.warmups)
-    ours: list[RunTimes] = []
-    base: dict[str, list[RunTimes]] = {b.name: [] for b in baselines}
-    with PeakMemory() as mem:
-        for i in range(config.runs):  # interleaved: each of our runs is paired with one of each baseline
-            ours.append(runner(*args))
-            for b in baselines:
-                base[b.name].append(b(*args))
-            times = "".join(f", {name} {runs[-1].total:.2f} s" for name, runs in base.items())
-            progress(f"{label}: run {i + 1}/{config.runs} sdrt {ours[-1].total:.2f} s{times}")
-    unet_batch = case.batch * (2 if guided else 1)
-    lat = shape[2:]
+        backend = "pytorch" if b.name == "diffusers" else "onnxruntime"
+        fields = {"backend": backend, "precision": "fp32", "compute_precision": "fp32", "graph_precision": "fp32"}
+        rows.append(_row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": _cpu_device()})
+    return rows
+
+
+def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:
+    from sdrt.benchmarks.flops import count_flops
+
+    config, manifest = ctx.config, next(iter(ctx.manifests.values()))
+    root = next(iter(ctx.manifests))
+    unet_batch = case.batch * (2 if config.guidance > 1 else 1)
     flops = count_flops(
-        unet_path,
+        ctx.flops_graph(),
         {
-            "sample": (unet_batch, manifest.latent_channels, *lat),
+            "sample": (unet_batch, manifest.latent_channels, *shape[2:]),
             "timestep": (unet_batch,),
             "encoder_hidden_states": (unet_batch, manifest.text_length, _cross_dim(manifest)),
         },
     )["total"]
-    common = {
+    return {
         "schema": ROW_SCHEMA,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": device,
+        "device": ctx.device,
+        "machine": ctx.machine,
         "versions": versions(),
         "model": {
             "family": manifest.family,
             "source": manifest.source.get("model") or manifest.source.get("path"),
             "unet_bytes": sum(f.bytes for f in manifest.components["unet"].files),
         },
-        "threads": threads,
+        "threads": ctx.threads,
         "batch": case.batch,
         "height": case.height,
         "width": case.width,
         "steps": case.steps,
         "guidance_scale": config.guidance,
-        "scheduler": config.scheduler
-        or json.loads((config.artifacts / manifest.scheduler_config).read_text())["_class_name"],
+        "scheduler": config.scheduler or json.loads((root / manifest.scheduler_config).read_text())["_class_name"],
         "runs": config.runs,
-        "peak_rss_bytes": mem.peak,
-        "device_memory_used_bytes": _device_memory_used() if device["kind"] == "gpu" else None,
         "unet_flops_per_call": flops,
     }
-    ours_metrics = metrics(ours, case.batch)
-    tflops = flops / (ours_metrics["unet_step_ms"]["median"] / 1e3) / 1e12
+
+
+def _row(ctx: Context, common: dict, worker: Worker, warmups: int, runs: list[RunTimes], case: Case) -> dict:
+    m = metrics(runs, case.batch)
+    flops_per_s = common["unet_flops_per_call"] / (m["unet_step_ms"]["median"] / 1e3)
     row = {
         **common,
-        "implementation": "sdrt",
-        "backend": backend,
-        "precision": manifest.components["unet"].precision,
-        "warmup_runs": warm["sdrt"],
-        "metrics": ours_metrics,
-        "unet_tflops_achieved": tflops,
+        "implementation": worker.name.split()[0],
+        "warmup_runs": warmups,
+        "metrics": m,
+        "unet_tflops_achieved": flops_per_s / 1e12,
+        "unet_fraction_of_matmul": flops_per_s / (ctx.machine["matmul"]["fp32"]["gflops"] * 1e9),
+        **worker.memory(),
     }
-    if config.peak_tflops:
-        row["fraction_of_peak"] = tflops / config.peak_tflops
-    rows = [row]
-    if baselines:
-        row["ratio_to"] = {name: ratios(ours, runs) for name, runs in base.items()}
-    for name, runs in base.items():
-        base_metrics = metrics(runs, case.batch)
-        rows.append(
-            {
-                **common,
-                "implementation": name,
-                "backend": "pytorch" if name == "diffusers" else "onnxruntime",
-                "precision": "fp32",
-                "warmup_runs": warm[name],
-                "metrics": base_metrics,
-                "unet_tflops_achieved": flops / (base_metrics["unet_step_ms"]["median"] / 1e3) / 1e12,
-            }
-        )
-    out = config.results_dir / f"{device_slug(device)}.jsonl"
+    if ctx.config.peak_tflops:
+        row["fraction_of_peak"] = row["unet_tflops_achieved"] / ctx.config.peak_tflops
+    return row
+
+
+def _sdrt_fields(ctx: Context, variant: Variant, worker: Worker) -> dict:
+    graph = worker.hello.get("graph_precisions", {}).get("unet", "fp32")
+    fields = {
+        "backend": variant.backend,
+        "artifacts": str(variant.artifacts),
+        "graph_precision": graph,
+        "compute_precision": variant.precision,
+        "precision": precision_label(graph, variant.precision),
+        "load_timings": worker.hello.get("load_timings"),
+        "device": device_info(variant.backend),
+    }
+    if fields["device"]["kind"] == "gpu":
+        fields["device_memory_used_bytes"] = worker.last_reply.get("device_memory_used_bytes")
+    return fields
+
+
+def precision_label(graph: str, compute: str) -> str:
+    """The precision a reader compares rows by: the graph's (fp32, int8, fp16), or the compute
+    precision when the backend was asked for one other than fp32 (bf16); both when both differ."""
+    if compute == "fp32":
+        return graph
+    return compute if graph == "fp32" else f"{graph}+{compute}"
+
+
+def _unsupported_row(ctx: Context, case: Case, variant: Variant, reason: str) -> dict:
+    record = backends.get(variant.backend)
+    return {
+        "schema": ROW_SCHEMA,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": device_info(variant.backend) if record.unavailable_reason() is None else _cpu_device(),
+        "machine": ctx.machine,
+        "versions": versions(),
+        "model": {"source": next(iter(ctx.manifests.values())).source.get("path")},
+        "threads": ctx.threads,
+        "batch": case.batch,
+        "height": case.height,
+        "width": case.width,
+        "steps": case.steps,
+        "implementation": "sdrt",
+        "backend": variant.backend,
+        "artifacts": str(variant.artifacts),
+        "graph_precision": ctx.manifests[variant.artifacts].components["unet"].precision,
+        "compute_precision": variant.precision,
+        "precision": precision_label(ctx.manifests[variant.artifacts].components["unet"].precision, variant.precision),
+        "unsupported": reason,
+    }
+
+
+def _cpu_device() -> dict:
+    return device_info("onnxruntime")
+
+
+def _append(ctx: Context, rows: list[dict], progress) -> None:
+    out = ctx.config.results_dir / f"{device_slug(ctx.device)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    progress(f"{label}: appended {len(rows)} rows to {out}")
-    return rows
-
-
-def _device_memory_used() -> int | None:
-    """GPU memory in use after the timed runs (engines, buffers, activations stay allocated, so this is
-    the high-water mark of a static-buffer backend), from cudaMemGetInfo."""
-    try:
-        from sdrt.runtime.tensorrt_backend import cuda_runtime
-
-        err, free, total = cuda_runtime().cudaMemGetInfo()
-        return int(total - free) if int(err) == 0 else None
-    except Exception:  # noqa: BLE001 - a figure we cannot read is reported as unknown
-        return None
+    progress(f"appended {len(rows)} rows to {out}")
 
 
 def _cross_dim(manifest: Manifest) -> int:

@@ -21,17 +21,24 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="measure latency per component, per step and end to end, beside diffusers; or merge results",
         description=(
-            "`sdrt bench --artifacts DIR`: for every backend available here and every batch, size and step count, "
-            "run the sdrt pipeline and diffusers' StableDiffusionPipeline (PyTorch, same folder, latents, scheduler "
-            "and threads) in interleaved pairs after warming up until steady; print a table and append "
-            "self-describing rows to benchmarks/results/<device>.jsonl. "
+            "`sdrt bench --artifacts DIR [DIR...]`: for every artifact directory, backend and compute precision "
+            "(one process each) and every batch, size and step count, run the sdrt pipeline and diffusers' "
+            "StableDiffusionPipeline (PyTorch, same folder, latents, scheduler and threads; its own process) in "
+            "interleaved rounds after warming up until steady; measure the machine's fp32 matmul rate once; print "
+            "a table and append self-describing rows to benchmarks/results/<device>.jsonl. "
             "`sdrt bench report FILE...`: merge result files from many machines into report.md and report.png."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("action", nargs="?", default="run", choices=("run", "report"), help="measure, or report on files")
     p.add_argument("files", nargs="*", type=Path, help="report: result files (.jsonl) to merge")
-    p.add_argument("--artifacts", type=Path, default=None, help="run: artifact directory (default: artifacts/tiny-sd)")
+    p.add_argument(
+        "--artifacts",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run: artifact directories of one model, e.g. fp32 and its `sdrt quantize` copy (default: artifacts/tiny-sd)",
+    )
     p.add_argument(
         "--random-weights",
         action="store_true",
@@ -39,6 +46,13 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "exported to artifacts/sd15-random when missing; no download)",
     )
     p.add_argument("--backends", nargs="+", default=None, help="run: backends to measure (default: all available here)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        help="run: compute precisions (default: fp32 and every other one; those a backend or CPU lacks give a row "
+        "saying why)",
+    )
     p.add_argument("--batches", nargs="+", type=int, default=[1], help="run: images per call")
     p.add_argument("--sizes", nargs="+", type=_size, default=[(256, 256)], help="run: image sizes, HEIGHTxWIDTH")
     p.add_argument("--steps", nargs="+", type=int, default=[20], help="run: denoising steps")
@@ -67,6 +81,12 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "--peak-tflops", type=float, default=None, help="run: the device's peak TFLOP/s, for the fraction achieved"
     )
     p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=2048,
+        help="run: N of the NxNxN fp32 MatMul that measures the machine's achievable rate",
+    )
+    p.add_argument(
         "--results-dir", type=Path, default=None, help="run: where <device>.jsonl goes (default: benchmarks/results)"
     )
     p.add_argument(
@@ -89,13 +109,15 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError(f"bench: files are for `sdrt bench report`, got {[str(f) for f in args.files]}")
     from sdrt.benchmarks.bench import RESULTS_DIR, BenchConfig, available_backends, run_benchmark, summary_table
 
-    artifacts = args.artifacts or Path("artifacts/tiny-sd")
+    artifacts = tuple(args.artifacts or [Path("artifacts/tiny-sd")])
     if args.random_weights:
-        artifacts = args.artifacts or Path("artifacts/sd15-random")
-        _ensure_random_sd15(artifacts)
+        artifacts = tuple(args.artifacts or [Path("artifacts/sd15-random")])
+        _ensure_random_sd15(artifacts[0])
     config = BenchConfig(
         artifacts=artifacts,
         backends=tuple(args.backends or available_backends()),
+        precisions=tuple(args.precisions) if args.precisions else None,
+        matmul_size=args.matmul_size,
         batches=tuple(args.batches),
         sizes=tuple(args.sizes),
         steps=tuple(args.steps),

@@ -3,12 +3,26 @@
 optimum pins transformers < 4.58 and diffusers 0.39, so it cannot share sdrt's environment; `sdrt
 bench --optimum-folder DIR` starts this script with that environment's Python and keeps it running:
 one JSON request per line on stdin (prompts, size, steps, guidance, a .npy file of latents), one
-JSON line of timings per request on stdout. It imports nothing from sdrt.
+JSON line of timings per request on stdout. It imports nothing from sdrt. Like sdrt's own worker
+(``worker.py``) it reports its load seconds and RSS after load in its hello line, and its peak RSS
+so far with each reply, so optimum's memory is its own.
 """
 
 import json
 import sys
 import time
+from pathlib import Path
+
+
+def proc_status_bytes(key: str) -> int:
+    """VmRSS or VmHWM of this process in bytes (0 where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> int:
@@ -18,6 +32,7 @@ def main() -> int:
     import torch
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
+    t_load = time.perf_counter()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -38,7 +53,13 @@ def main() -> int:
     for name in ("text_encoder", "unet", "vae_decoder"):
         part = getattr(pipe, name)
         part.forward = timed(name, part.forward)
-    print(json.dumps({"ready": True, "optimum": __import__("optimum.version").version.__version__}), flush=True)
+    hello = {
+        "ready": True,
+        "optimum": __import__("optimum.version").version.__version__,
+        "load_s": time.perf_counter() - t_load,
+        "rss_after_load_bytes": proc_status_bytes("VmRSS"),
+    }
+    print(json.dumps(hello), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         latents = torch.from_numpy(np.load(request["latents"]))
@@ -70,6 +91,7 @@ def main() -> int:
             "vae_decoder": sum(calls.get("vae_decoder", [])),
             "unet_calls": unet,
             "step_walls": walls,
+            "peak_rss_bytes": proc_status_bytes("VmHWM"),
         }
         print(json.dumps(reply), flush=True)
     return 0

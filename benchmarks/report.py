@@ -7,6 +7,11 @@ from pathlib import Path
 
 from sdrt.runtime.errors import InputError
 
+# 1: one bench process; 2: a process per implementation (load time, RSS), rows per backend and compute
+# precision (or why not measured), the machine's matmul rate. Fields a schema-1 row lacks show as "—".
+SCHEMAS = (1, 2)
+MISSING = "—"
+
 # (metric key, column title, scale to the unit shown)
 COLUMNS = (
     ("text_encoder_ms", "text enc ms", 1.0),
@@ -38,8 +43,11 @@ def load_rows(files: list[Path]) -> list[dict]:
                 row = json.loads(line)
             except ValueError as e:
                 raise InputError(f"{path}:{n}: expected one JSON row per line, got a parse error: {e}") from e
-            if row.get("schema") != 1 or "metrics" not in row:
-                raise InputError(f"{path}:{n}: expected a benchmark row of schema 1, got {str(row)[:80]!r}")
+            if row.get("schema") not in SCHEMAS or not ("metrics" in row or "unsupported" in row):
+                raise InputError(
+                    f"{path}:{n}: expected a benchmark row of schema {' or '.join(map(str, SCHEMAS))}, "
+                    f"got {str(row)[:80]!r}"
+                )
             row["_file"] = str(path)
             rows.append(row)
     if not rows:
@@ -53,7 +61,7 @@ def label(row: dict) -> str:
     impl = {"diffusers": "diffusers/PyTorch", "optimum": "optimum/onnxruntime"}.get(
         row["implementation"], f"{row['implementation']}/{row['backend']}"
     )
-    return f"{where} · {impl} · {row['precision']}"
+    return f"{where} · {impl} · {row.get('precision', MISSING)}"
 
 
 def case(row: dict) -> str:
@@ -68,60 +76,105 @@ def _num(v: float) -> str:
 
 def _cell(metric: dict | None, scale: float = 1.0) -> str:
     if not metric or not metric.get("n"):
-        return "-"
+        return MISSING
     return f"{_num(metric['median'] * scale)} (p90 {_num(metric['p90'] * scale)})"
 
 
+def measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "metrics" in r]
+
+
+def _opt(value, fmt=_num) -> str:
+    return MISSING if value is None else fmt(value)
+
+
+def _precision(row: dict) -> str:
+    """The label, and the compute precision when it is not already the label (schema 2)."""
+    name, compute = row.get("precision", MISSING), row.get("compute_precision")
+    return name if compute in (None, name) or compute == "fp32" else f"{name} (compute {compute})"
+
+
+def _ratio_cell(row: dict) -> str:
+    return (
+        "; ".join(
+            f"{r['end_to_end']['median']:.2f}x{'' if name == 'diffusers' else ' vs ' + name} "
+            f"(p10 {r['end_to_end']['p10']:.2f}, p90 {r['end_to_end']['p90']:.2f})"
+            for name, r in row.get("ratio_to", {}).items()
+        )
+        or MISSING
+    )
+
+
 def markdown_table(rows: list[dict]) -> str:
+    """The measured rows as a table, then the combinations not measured and why."""
     head = [
         "device · implementation · precision",
+        "backend",
+        "precision",
         "case",
         *(t for _, t, _ in COLUMNS),
         "img/s",
         "overhead %",
         "vs diffusers (and others), end to end",
         "UNet TFLOP/s",
+        "UNet % of matmul",
+        "load s",
+        "peak RSS MiB",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in sorted(rows, key=lambda r: (case(r), label(r))):
+    for row in sorted(measured(rows), key=lambda r: (case(r), label(r))):
         m = row["metrics"]
-        ratio_cell = (
-            "; ".join(
-                f"{r['end_to_end']['median']:.2f}x{'' if name == 'diffusers' else ' vs ' + name} "
-                f"(p10 {r['end_to_end']['p10']:.2f}, p90 {r['end_to_end']['p90']:.2f})"
-                for name, r in row.get("ratio_to", {}).items()
-            )
-            or "-"
-        )
         overhead = m.get("overhead_fraction")
+        fraction = row.get("unet_fraction_of_matmul")
         cells = [
             label(row),
+            row.get("backend", MISSING),
+            _precision(row),
             case(row),
             *(_cell(m.get(key), scale) for key, _, scale in COLUMNS),
             _num(m["images_per_s"]["median"]),
-            "-" if not overhead or not overhead.get("n") else _num(100 * overhead["median"]),
-            ratio_cell,
+            MISSING if not overhead or not overhead.get("n") else _num(100 * overhead["median"]),
+            _ratio_cell(row),
             _num(row.get("unet_tflops_achieved", 0)),
+            _opt(None if fraction is None else 100 * fraction),
+            _opt(row.get("load_s")),
+            _opt(row.get("peak_rss_bytes"), lambda b: f"{b / 2**20:,.0f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + unsupported_list(rows)
+
+
+def unsupported_list(rows: list[dict]) -> str:
+    """One line per device, backend and precision asked for and not measured, with the reason."""
+    seen = {}
+    for r in rows:
+        if "unsupported" in r:
+            key = (r["device"]["name"], r.get("backend"), _precision(r), r.get("artifacts"))
+            seen.setdefault(key, r["unsupported"])
+    if not seen:
+        return ""
+    items = [
+        f"- {device} · sdrt/{backend} · {precision}{f' ({Path(a).name})' if a else ''}: {reason}"
+        for (device, backend, precision, a), reason in sorted(seen.items(), key=lambda kv: str(kv[0]))
+    ]
+    return "\n\nNot measured (the backend or this CPU lacks the precision):\n\n" + "\n".join(items)
 
 
 def chart(rows: list[dict], path: Path) -> int:
-    """Grouped horizontal bars, one panel per metric, one bar per row (device, implementation, case),
-    with p10-p90 whiskers. Returns the number of bars drawn."""
+    """Grouped horizontal bars, one panel per metric, one bar per measured row (device, implementation,
+    backend, precision, case), with p10-p90 whiskers. Returns the number of bars drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(rows, key=lambda r: (case(r), label(r)))
+    rows = sorted(measured(rows), key=lambda r: (case(r), label(r)))
     names = [f"{label(r)}\n{case(r)}" for r in rows]
     fig, axes = plt.subplots(
         1, len(CHART_METRICS), figsize=(5 * len(CHART_METRICS), 1.0 + 0.6 * len(rows)), sharey=True
     )
-    # One colour per implementation and backend, so sdrt and its baseline read apart in every panel.
-    kinds = sorted({(r["implementation"], r["backend"]) for r in rows})
+    # One colour per implementation, backend and precision, so the variants and the baselines read apart.
+    kinds = sorted({_kind(r) for r in rows})
     palette = plt.get_cmap("tab10")
     color = {k: ("0.6" if k[0] == "diffusers" else palette(i % 10)) for i, k in enumerate(kinds)}
     bars = 0
@@ -136,7 +189,7 @@ def chart(rows: list[dict], path: Path) -> int:
             range(len(rows)),
             values,
             xerr=[lo, hi],
-            color=[color[(r["implementation"], r["backend"])] for r in rows],
+            color=[color[_kind(r)] for r in rows],
             capsize=3,
         )
         bars += len(drawn)
@@ -157,6 +210,10 @@ def chart(rows: list[dict], path: Path) -> int:
     return bars
 
 
+def _kind(row: dict) -> tuple[str, str, str]:
+    return row["implementation"], row["backend"], row.get("precision", MISSING)
+
+
 def write_report(files: list[Path], out_dir: Path) -> tuple[Path, Path, int]:
     rows = load_rows(files)
     out_dir = Path(out_dir)
@@ -166,9 +223,12 @@ def write_report(files: list[Path], out_dir: Path) -> tuple[Path, Path, int]:
     bars = chart(rows, png)
     md.write_text(
         "# sdrt benchmark report\n\n"
-        f"{len(rows)} rows from {len(files)} file(s): {', '.join(str(f) for f in files)}\n\n"
+        f"{len(measured(rows))} measured rows from {len(files)} file(s): {', '.join(str(f) for f in files)}\n\n"
         "Milliseconds unless noted; median with p90 in brackets. Ratios are measured pair by pair "
-        "(sdrt run, then diffusers run, interleaved) and summarized as median (p10, p90).\n\n"
+        "(each sdrt run against the baseline runs of its round: every sdrt variant, then every baseline) and "
+        "summarized as median (p10, p90). UNet % of matmul: the UNet's achieved FLOP/s as a share of the fp32 "
+        "MatMul rate measured on the same machine in the same run. Load s and peak RSS are each "
+        "implementation's own process's (schema 2). — marks a figure the row does not carry (schema 1).\n\n"
         f"{markdown_table(rows)}\n\n![latency chart](report.png)\n"
     )
     return md, png, bars

@@ -1,0 +1,272 @@
+"""One implementation under benchmark, in a process of its own: ``python -m sdrt.benchmarks.worker SPEC``.
+
+``sdrt bench`` starts one worker per implementation (each sdrt artifact directory, backend and
+compute precision; diffusers) so that load time, resident memory and peak memory are each
+implementation's own, not the sum over everything the bench process happens to hold. SPEC is one
+JSON object: ``{"implementation": "sdrt", "artifacts", "backend", "precision", "threads",
+"scheduler"}`` or ``{"implementation": "diffusers", "folder", "threads", "scheduler"}``.
+
+The protocol is the optimum worker's (``optimum_worker.py``): a hello line once loaded (load
+seconds, RSS after load), then one JSON request per line on stdin (prompts, size, steps, guidance,
+a .npy file of latents) and one JSON line of timings per request on stdout, each with the peak
+RSS so far. A failure is one ``{"error": ..., "type": ...}`` line, never a traceback the parent
+must parse; the traceback goes to stderr, which the parent keeps for its error message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+
+@dataclass
+class RunTimes:
+    """One generation: seconds per stage, and per denoising step."""
+
+    total: float
+    text_encoder: float
+    vae_decoder: float
+    unet_calls: list[float]
+    step_walls: list[float]
+    scheduler_steps: list[float] = field(default_factory=list)
+
+    @property
+    def overhead(self) -> list[float]:  # wall time of each step outside its UNet call
+        return [w - u for w, u in zip(self.step_walls, self.unet_calls)]
+
+
+def proc_status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes; 0 when unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far (VmHWM; getrusage where there is no /proc)."""
+    peak = proc_status_bytes("VmHWM")
+    if peak:
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class SdrtRunner:
+    name = "sdrt"
+
+    def __init__(self, artifacts: Path, backend: str, precision: str, threads: int, scheduler: str | None):
+        from sdrt.runtime import Pipeline
+
+        self.backend = backend
+        self.pipe = Pipeline.load(artifacts, backend=backend, precision=precision, threads=threads, scheduler=scheduler)
+
+    def hello(self) -> dict:
+        return {"load_timings": self.pipe.load_timings, "graph_precisions": self.pipe.graph_precisions()}
+
+    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+        t0 = time.perf_counter()
+        r = self.pipe(
+            prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, latents=latents
+        )
+        total = time.perf_counter() - t0
+        t = r.timings
+        return RunTimes(
+            total, t["text_encoder"], t["vae_decoder"], t["unet_calls"], t["unet_steps"], t["scheduler_steps"]
+        )
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+class DiffusersRunner:
+    """diffusers' StableDiffusionPipeline in PyTorch (fp32, CPU), timed by hooks on its modules."""
+
+    name = "diffusers"
+
+    def __init__(self, source: Path, threads: int, scheduler: str | None):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None)
+        self.pipe.set_progress_bar_config(disable=True)
+        if scheduler:
+            import diffusers
+
+            from sdrt.runtime.schedulers import ALIASES
+
+            class_name, options = ALIASES.get(scheduler, (scheduler, {}))
+            self.pipe.scheduler = getattr(diffusers, class_name).from_config(self.pipe.scheduler.config, **options)
+        self._calls: dict[str, list[float]] = {}
+        for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
+            module.register_forward_pre_hook(self._pre(name))
+            module.register_forward_hook(self._post(name))
+        decode = self.pipe.vae.decode
+
+        def timed_decode(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = decode(*args, **kwargs)
+            self._calls.setdefault("vae_decoder", []).append(time.perf_counter() - t0)
+            return out
+
+        self.pipe.vae.decode = timed_decode
+
+    def hello(self) -> dict:
+        return {}
+
+    def _pre(self, name):
+        def hook(module, args):
+            self._start = time.perf_counter()
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            self._calls.setdefault(name, []).append(time.perf_counter() - self._start)
+
+        return hook
+
+    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+        self._calls = {}
+        marks: list[float] = []
+
+        def on_step_end(pipe, i, t, kwargs):
+            marks.append(time.perf_counter())
+            return kwargs
+
+        torch = self.torch
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.pipe(
+                prompts,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                latents=torch.from_numpy(latents),
+                output_type="np",
+                callback_on_step_end=on_step_end,
+            )
+        total = time.perf_counter() - t0
+        unet = self._calls.get("unet", [])
+        # A step runs from the end of the previous one (the first: from its UNet call's start, less
+        # the call itself, so the set-up before the loop is not charged to it).
+        first_start = marks[0] - (unet[0] if unet else 0) if marks else t0
+        walls = np.diff([first_start, *marks]).tolist() if marks else []
+        if walls and unet:
+            walls[0] = max(walls[0], unet[0])
+        return RunTimes(
+            total, sum(self._calls.get("text_encoder", [])), sum(self._calls.get("vae_decoder", [])), unet, walls
+        )
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+def make_runner(spec: dict):
+    """The runner SPEC names; InputError for a SPEC that names none."""
+    from sdrt.runtime.errors import InputError
+
+    kind = spec.get("implementation")
+    if kind == "sdrt":
+        return SdrtRunner(
+            Path(spec["artifacts"]), spec["backend"], spec.get("precision", "fp32"), spec["threads"], spec["scheduler"]
+        )
+    if kind == "diffusers":
+        return DiffusersRunner(Path(spec["folder"]), spec["threads"], spec["scheduler"])
+    raise InputError(f"bench worker: expected implementation 'sdrt' or 'diffusers' in the spec, got {kind!r}")
+
+
+def _gpu_memory_used() -> int | None:
+    """GPU memory in use (engines, buffers, activations stay allocated, so after the runs this is the
+    high-water mark of a static-buffer backend), from cudaMemGetInfo; None when unreadable."""
+    try:
+        from sdrt.runtime.tensorrt_backend import cuda_runtime
+
+        err, free, total = cuda_runtime().cudaMemGetInfo()
+        return int(total - free) if int(err) == 0 else None
+    except Exception:  # noqa: BLE001 - a figure we cannot read is reported as unknown
+        return None
+
+
+def _reply(out: TextIO, obj: dict) -> None:
+    out.write(json.dumps(obj) + "\n")
+    out.flush()
+
+
+def _stdout_for_replies() -> TextIO:
+    """Libraries print to stdout (C++ backends through the file descriptor itself) while the parent
+    reads stdout as JSON lines: replies get a copy of it, and fd 1 becomes stderr for everyone else."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return replies
+
+
+def _error(e: BaseException) -> dict:
+    traceback.print_exc(file=sys.stderr)
+    return {"error": str(e) or repr(e), "type": type(e).__name__}
+
+
+def serve(spec: dict, requests: Iterable[str], out: TextIO, on_gpu: bool = False) -> int:
+    """Load SPEC's implementation, say hello on ``out``, answer ``requests`` (JSON lines) until they end."""
+    t0 = time.perf_counter()
+    try:
+        runner = make_runner(spec)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it as an sdrt error
+        _reply(out, _error(e))
+        return 1
+    load_s = time.perf_counter() - t0
+    _reply(out, {"ready": True, "load_s": load_s, "rss_after_load_bytes": proc_status_bytes("VmRSS"), **runner.hello()})
+    try:
+        for line in requests:
+            try:
+                r = json.loads(line)
+                times = runner(r["prompts"], r["height"], r["width"], r["steps"], r["guidance"], np.load(r["latents"]))
+                reply = {**asdict(times), "peak_rss_bytes": peak_rss()}
+                if on_gpu:
+                    reply["device_memory_used_bytes"] = _gpu_memory_used()
+            except Exception as e:  # noqa: BLE001 - as above; the worker stays up for the parent to close
+                reply = _error(e)
+            _reply(out, reply)
+    finally:
+        runner.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = _stdout_for_replies()
+    try:
+        spec = json.loads(argv[0])
+    except (IndexError, ValueError) as e:
+        _reply(
+            out, {"error": f"bench worker: expected one JSON spec argument, got {argv!r} ({e})", "type": "InputError"}
+        )
+        return 2
+    on_gpu = False
+    if spec.get("implementation") == "sdrt":
+        from sdrt.runtime import backends
+
+        on_gpu = spec.get("backend") in backends.BACKENDS and backends.get(spec["backend"]).device == "gpu"
+    return serve(spec, sys.stdin, out, on_gpu)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
