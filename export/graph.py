@@ -94,7 +94,8 @@ def release_memory() -> None:
         pass
 
 
-def _record(name: str, before: dict, path: Path, started: float, **extra) -> dict:
+def record_step(name: str, before: dict, path: Path, started: float, **extra) -> dict:
+    """The manifest record of a graph step (nodes and bytes before and after, seconds, ``extra``), logged."""
     release_memory()
     after = stats(path)
     record = {
@@ -130,7 +131,9 @@ def slim(path: Path) -> dict:
     if model is None:
         raise ExportError(f"{path.name}: onnxslim failed to optimize the graph (see its log above)")
     save(model, path)
-    return _record("slim", before, path, started, tool=f"onnxslim {onnxslim.__version__}", shape_inference=not large)
+    return record_step(
+        "slim", before, path, started, tool=f"onnxslim {onnxslim.__version__}", shape_inference=not large
+    )
 
 
 def ort_fusion(path: Path, component: str, num_heads: int = 0, hidden_size: int = 0) -> dict:
@@ -170,7 +173,7 @@ def ort_fusion(path: Path, component: str, num_heads: int = 0, hidden_size: int 
     )
     save(optimized.model, path)
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
-    return _record(
+    return record_step(
         "ort-fusion",
         before,
         path,
@@ -222,7 +225,7 @@ def to_fp16(path: Path, fp32_islands: tuple[str, ...] = ()) -> dict:
         str(path), keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=node_block_list
     )
     save(model, path)
-    return _record(
+    return record_step(
         "fp16",
         before,
         path,

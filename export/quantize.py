@@ -429,20 +429,22 @@ def _quantize_component(
     path.touch()  # graph.save replaces the files at `path`; it decides internal or external weights
     graph.save(onnx.load(str(quantized)), path)
     shutil.rmtree(scratch)
-    graph.release_memory()
-    after = graph.stats(path)
-    step = {
-        "step": "int8",
-        "tool": f"onnxruntime {onnxruntime.__version__} quantize_static",
-        "format": "QDQ",
-        "weights": "int8, symmetric, per output channel",
-        "activations": f"{options.activation_type}, {'symmetric' if options.activation_type == 'int8' else 'asymmetric'}, "
+    # graph.record_step logs and records it as every other graph step (nodes and bytes before/after, time).
+    step = graph.record_step(
+        "int8",
+        before,
+        path,
+        started,
+        tool=f"onnxruntime {onnxruntime.__version__} quantize_static",
+        format="QDQ",
+        weights="int8, symmetric, per output channel",
+        activations=f"{options.activation_type}, {'symmetric' if options.activation_type == 'int8' else 'asymmetric'}, "
         "per tensor, static ranges (MinMax calibration)",
-        "op_types": list(OP_TYPES),
-        "quantized_nodes": quantized_node_counts(path),
-        "float_matmuls": len(activation_matmuls),  # activation x activation (attention), kept float
-        "float_nodes": "attention's activation x activation MatMuls, normalizations, softmax, elementwise ops",
-        "calibration": {
+        op_types=list(OP_TYPES),
+        quantized_nodes=quantized_node_counts(path),
+        float_matmuls=len(activation_matmuls),  # activation x activation (attention), kept float
+        float_nodes="attention's activation x activation MatMuls, normalizations, softmax, elementwise ops",
+        calibration={
             "method": "MinMax",
             "prompts": list(CALIBRATION_PROMPTS[: options.calibration_prompts]),
             "negative_prompt": NEGATIVE_PROMPT,
@@ -453,21 +455,8 @@ def _quantize_component(
             "guidance_scale": options.guidance_scale,
             "samples": len(feeds),
         },
-        "nodes_before": before["nodes"],
-        "nodes_after": after["nodes"],
-        "bytes_before": before["bytes"],
-        "bytes_after": after["bytes"],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    log.info(
-        "    int8: %d -> %d nodes, %.1f -> %.1f MB, quantized %s in %.1f s",
-        before["nodes"],
-        after["nodes"],
-        before["bytes"] / 1e6,
-        after["bytes"] / 1e6,
-        step["quantized_nodes"],
-        step["seconds"],
     )
+    log.info("    int8: quantized %s", step["quantized_nodes"])
     optimization = dict(fp32.optimization)
     optimization["steps"] = [*fp32.optimization.get("steps", []), step]
     return replace(
