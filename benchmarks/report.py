@@ -57,7 +57,8 @@ def load_rows(files: list[Path]) -> list[dict]:
 
 def label(row: dict) -> str:
     d = row["device"]
-    where = f"{d['name']} ({d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
+    isa = f"{d['isa']}, " if d.get("isa") else ""  # "AMD EPYC" names Zen 3 and Zen 4 alike; the ISA does not
+    where = f"{d['name']} ({isa}{d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
     impl = {"diffusers": "diffusers/PyTorch", "optimum": "optimum/onnxruntime"}.get(
         row["implementation"], f"{row['implementation']}/{row['backend']}"
     )
