@@ -25,6 +25,7 @@ from sdrt.runtime.errors import ExportError
 from sdrt.runtime.manifest import Component, Manifest
 from sdrt.runtime.ort_cpu_engines import (
     CpuEngineRecord,
+    engine_bytes,
     engine_folder,
     isa_key,
     ort_version,
@@ -128,7 +129,7 @@ def build_one(
         fused=fuse,
         fusions=fusions,
         verification=verification,
-        bytes=path.stat().st_size + path.with_name(name + ".data").stat().st_size,
+        bytes=engine_bytes(path),
         seconds=round(time.perf_counter() - started, 2),
     )
 

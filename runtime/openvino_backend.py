@@ -21,7 +21,7 @@ import numpy as np
 from sdrt.runtime.cpu_features import cpu_summary
 from sdrt.runtime.errors import ArtifactError, BackendError, InputError
 from sdrt.runtime.manifest import Component
-from sdrt.runtime.session import check_feed, to_graph_feed
+from sdrt.runtime.session import check_feed, check_graph_inputs, to_graph_feed
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,9 @@ class OpenVINOSession:
                 f"{path}: expected an ONNX graph OpenVINO can read and compile for the CPU with {config}, got: {e} "
                 "(re-run the export if the graph is damaged)"
             ) from e
-        self._check_graph_inputs(path, compiled)
+        check_graph_inputs(
+            path, [self._names[s.name] for s in self.inputs], [i.get_any_name() for i in compiled.inputs]
+        )
         self.precision = self._check_compiled_precision(compiled, precision)
         self.loaded_from_cache = config.get("CACHE_DIR") is not None and _loaded_from_cache(compiled)
         self._request = compiled.create_infer_request()
@@ -188,14 +190,6 @@ class OpenVINOSession:
             self.load_seconds,
             " (compiled model from the cache)" if self.loaded_from_cache else "",
         )
-
-    def _check_graph_inputs(self, path: Path, model) -> None:
-        graph_inputs = sorted(i.get_any_name() for i in model.inputs)
-        expected = sorted(self._names[s.name] for s in self.inputs)
-        if graph_inputs != expected:
-            raise ArtifactError(
-                f"{path}: expected graph inputs {expected} per the manifest, got {graph_inputs} (re-run the export)"
-            )
 
     @staticmethod
     def _check_compiled_precision(compiled, precision: str) -> str:

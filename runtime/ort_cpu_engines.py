@@ -113,12 +113,13 @@ def stale_reason(record: CpuEngineRecord | None, folder: Path, fingerprint: str)
     path = Path(folder) / record.file
     if not path.is_file() or not path.with_name(path.name + ".data").is_file():
         return f"{path} or its data file is missing"
-    if record.bytes and _engine_bytes(path) != record.bytes:
-        return f"{path} changed since it was built (expected {record.bytes} bytes, got {_engine_bytes(path)})"
+    if record.bytes and engine_bytes(path) != record.bytes:
+        return f"{path} changed since it was built (expected {record.bytes} bytes, got {engine_bytes(path)})"
     return None
 
 
-def _engine_bytes(path: Path) -> int:
+def engine_bytes(path: Path) -> int:
+    """The engine graph's size on disk with its data file."""
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 

@@ -70,6 +70,14 @@ def to_graph_feed(
     return graph_feed
 
 
+def check_graph_inputs(path: Path, expected: list[str], found: list[str]) -> None:
+    """ArtifactError unless the graph's input names are the manifest's (in the graph's naming)."""
+    if sorted(found) != sorted(expected):
+        raise ArtifactError(
+            f"{path}: expected graph inputs {sorted(expected)} per the manifest, got {sorted(found)} (re-run the export)"
+        )
+
+
 class OrtSession:
     """An onnxruntime ``InferenceSession`` on the given providers (the registry's backends pick them)."""
 
@@ -120,12 +128,9 @@ class OrtSession:
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
         self._scalars = set(component.scalar_inputs)
-        graph_inputs = sorted(i.name for i in self._session.get_inputs())
-        expected = sorted(self._names[s.name] for s in self.inputs)
-        if graph_inputs != expected:
-            raise ArtifactError(
-                f"{path}: expected graph inputs {expected} per the manifest, got {graph_inputs} (re-run the export)"
-            )
+        check_graph_inputs(
+            path, [self._names[s.name] for s in self.inputs], [i.name for i in self._session.get_inputs()]
+        )
         self._output_names = [self._names[o.name] for o in self.outputs]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
