@@ -40,6 +40,7 @@ from sdrt.benchmarks.worker import RunTimes
 from sdrt.runtime import backends
 from sdrt.runtime.cpu_features import cpu_summary
 from sdrt.runtime.errors import BackendError, InputError
+from sdrt.runtime.families import sizes
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.ort_cpu_engines import isa_key
 
@@ -522,15 +523,10 @@ def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:
 
     config, manifest = ctx.config, next(iter(ctx.manifests.values()))
     root = next(iter(ctx.manifests))
-    unet_batch = case.batch * (2 if config.guidance > 1 else 1)
-    flops = count_flops(
-        ctx.flops_graph(),
-        {
-            "sample": (unet_batch, manifest.latent_channels, *shape[2:]),
-            "timestep": (unet_batch,),
-            "encoder_hidden_states": (unet_batch, manifest.text_length, _cross_dim(manifest)),
-        },
-    )["total"]
+    dims = manifest.model_dims
+    unet_batch = case.batch * (2 if config.guidance > 1 and not dims.time_cond_dim else 1)
+    spec = manifest.model_family.specs(dims)["unet"]
+    flops = count_flops(ctx.flops_graph(), spec.input_shapes(sizes(dims, unet_batch, *shape[2:])))["total"]
     return {
         "schema": ROW_SCHEMA,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -539,6 +535,7 @@ def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:
         "versions": versions(),
         "model": {
             "family": manifest.family,
+            "vae": manifest.vae.get("class", "AutoencoderKL"),
             "source": manifest.source.get("model") or manifest.source.get("path"),
             "unet_bytes": sum(f.bytes for f in manifest.components["unet"].files),
         },
@@ -630,10 +627,6 @@ def _append(ctx: Context, rows: list[dict], progress) -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     progress(f"appended {len(rows)} rows to {out}")
-
-
-def _cross_dim(manifest: Manifest) -> int:
-    return int(manifest.components["unet"].inputs[2].shape[2])
 
 
 def summary_table(rows: list[dict]) -> str:

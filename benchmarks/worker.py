@@ -93,18 +93,21 @@ class SdrtRunner:
 
 
 class DiffusersRunner:
-    """diffusers' StableDiffusionPipeline in PyTorch (fp32, CPU), timed by hooks on its modules."""
+    """The diffusers pipeline the model folder names (StableDiffusionPipeline, StableDiffusionXLPipeline,
+    LatentConsistencyModelPipeline, ...) in PyTorch (fp32, CPU), timed by hooks on its modules."""
 
     name = "diffusers"
 
     def __init__(self, source: Path, threads: int, scheduler: str | None):
         import torch
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None)
+        index = json.loads((Path(source) / "model_index.json").read_text())
+        extra = {"safety_checker": None} if "safety_checker" in index else {}
+        self.pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, **extra)
         self.pipe.set_progress_bar_config(disable=True)
         if scheduler:
             import diffusers
@@ -114,7 +117,9 @@ class DiffusersRunner:
             class_name, options = ALIASES.get(scheduler, (scheduler, {}))
             self.pipe.scheduler = getattr(diffusers, class_name).from_config(self.pipe.scheduler.config, **options)
         self._calls: dict[str, list[float]] = {}
-        for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
+        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        timed = [("text_encoder", m) for m in encoders if m is not None] + [("unet", self.pipe.unet)]
+        for name, module in timed:
             module.register_forward_pre_hook(self._pre(name))
             module.register_forward_hook(self._post(name))
         decode = self.pipe.vae.decode

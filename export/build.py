@@ -22,9 +22,9 @@ from sdrt.export import graph
 from sdrt.export.atomic import atomic_directory
 from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, source_files
 from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
-from sdrt.export.specs import COMPONENTS, component_specs, sizes
 from sdrt.runtime.engine_cache import ENGINES_DIR
 from sdrt.runtime.errors import ArtifactError, ExportError
+from sdrt.runtime.families import ALL_COMPONENTS, Family, sizes
 from sdrt.runtime.hashing import sha256_file
 from sdrt.runtime.manifest import Component, FileRecord, Manifest, TokenizerInfo
 
@@ -33,59 +33,66 @@ log = logging.getLogger(__name__)
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxslim")
 
 # The modules whose code decides what the artifacts contain (not the CLI or the engine builder).
-ARTIFACT_CODE = ("build.py", "graph.py", "modules.py", "onnx_export.py", "specs.py")
+ARTIFACT_CODE = ("build.py", "graph.py", "modules.py", "onnx_export.py", "../runtime/families.py")
 
 PRECISIONS = ("fp32", "fp16")
 # Per-component precisions: fp16 everywhere, except the parts known to overflow in fp16.
 COMPONENT_PRECISIONS = ("fp32", "fp16", "fp16+fp32-attention")
-FP16_EXCEPTIONS = {
-    # SD 2.x was trained with attention upcast to fp32 (diffusers' upcast_attention): its scores overflow in fp16.
-    "sd2": {"unet": "fp16+fp32-attention"},
-    # SDXL's VAE overflows in fp16 (hence madebyollin's fp16-fix VAE); keep it fp32 unless told otherwise.
-    "sdxl": {"vae_decoder": "fp32", "vae_encoder": "fp32"},
-}
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = DEFAULT_OPSET
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[str, ...] = ()  # empty: every component of the model's family
     verify: bool = True
     seed: int = 0  # for verification inputs
     precision: str = "fp32"  # of every component, unless the family's exceptions or an override say otherwise
     component_precision: tuple[tuple[str, str], ...] = ()  # overrides, e.g. (("vae_decoder", "fp32"),)
     optimizations: tuple[str, ...] = graph.DEFAULT_OPTIMIZATIONS
+    vae: str | None = None  # a VAE folder (AutoencoderKL or AutoencoderTiny) replacing the model's own
 
     def __post_init__(self):
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components if c not in ALL_COMPONENTS]
         if unknown:
-            raise ExportError(f"components: expected names from {', '.join(COMPONENTS)}, got {unknown}")
-        for needed in ("text_encoder", "unet", "vae_decoder"):
-            if needed not in self.components:
-                raise ExportError(f"components: text-to-image needs {needed!r}; got {list(self.components)}")
+            raise ExportError(f"components: expected names from {', '.join(ALL_COMPONENTS)}, got {unknown}")
         if self.opset < 17:
             raise ExportError(f"opset: expected 17 or newer, got {self.opset}")
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name, value in self.component_precision:
-            if name not in COMPONENTS or value not in COMPONENT_PRECISIONS:
+            if name not in ALL_COMPONENTS or value not in COMPONENT_PRECISIONS:
                 raise ExportError(
                     f"component precision: expected COMPONENT=PRECISION with a component from "
-                    f"{', '.join(COMPONENTS)} and a precision from {', '.join(COMPONENT_PRECISIONS)}, "
+                    f"{', '.join(ALL_COMPONENTS)} and a precision from {', '.join(COMPONENT_PRECISIONS)}, "
                     f"got {name}={value}"
                 )
         bad = [o for o in self.optimizations if o not in graph.OPTIMIZATIONS]
         if bad:
             raise ExportError(f"optimizations: expected names from {', '.join(graph.OPTIMIZATIONS)}, got {bad}")
 
-    def precision_of(self, component: str, family: str) -> str:
+    def precision_of(self, component: str, family: Family) -> str:
         """The component's precision: the override if given, else fp32, else fp16 bar the family's exceptions."""
         overrides = dict(self.component_precision)
         if component in overrides:
             return overrides[component]
         if self.precision == "fp32":
             return "fp32"
-        return FP16_EXCEPTIONS.get(family, {}).get(component, "fp16")
+        return family.fp16_exceptions.get(component, "fp16")
+
+    def components_of(self, family: Family) -> tuple[str, ...]:
+        """The components to export for ``family``: all of them unless a subset was asked for."""
+        if not self.components:
+            return family.components()
+        alien = [c for c in self.components if c not in family.components()]
+        if alien:
+            raise ExportError(
+                f"components: expected names from the {family.name} family's {', '.join(family.components())}, "
+                f"got {alien}"
+            )
+        needed = [c for c in family.components() if c != "vae_encoder" and c not in self.components]
+        if needed:
+            raise ExportError(f"components: text-to-image needs {', '.join(needed)}; got {list(self.components)}")
+        return tuple(c for c in family.components() if c in self.components)
 
 
 @dataclass
@@ -109,10 +116,12 @@ def input_fingerprint(source: Path, options: ExportOptions) -> str:
     """sha256 over every source file's content hash, the export options, the tool versions and
     sdrt's own export code (so a changed exporter rebuilds even at the same version number)."""
     h = hashlib.sha256()
-    for path in source_files(source):
-        h.update(f"{path.relative_to(source).as_posix()}\0{sha256_file(path)}\n".encode())
+    vae = Path(options.vae) if options.vae else None
+    for path in source_files(source, vae):
+        where = path.relative_to(source) if path.is_relative_to(source) else Path("vae-override") / path.name
+        h.update(f"{where.as_posix()}\0{sha256_file(path)}\n".encode())
     here = Path(__file__).parent
-    code = {name: sha256_file(here / name) for name in ARTIFACT_CODE}
+    code = {Path(name).name: sha256_file(here / name) for name in ARTIFACT_CODE}
     h.update(
         json.dumps({"options": options.__dict__, "versions": tool_versions(), "code": code}, sort_keys=True).encode()
     )
@@ -156,31 +165,34 @@ def export_pipeline(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     log.info("loading %s", source)
-    pipe = load_pipeline(source)
+    if options.vae and not Path(options.vae).is_dir():
+        raise ExportError(f"vae: expected a folder holding an AutoencoderKL or AutoencoderTiny, got {options.vae!r}")
+    pipe = load_pipeline(source, Path(options.vae) if options.vae else None)
+    names = options.components_of(pipe.family)
     seconds["load"] = time.perf_counter() - t0
     with atomic_directory(out_dir) as tmp:
         components = {}
-        for i, name in enumerate(options.components, 1):
+        for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
-            log.info("[%d/%d] %s: exporting to ONNX (opset %d)", i, len(options.components), name, options.opset)
+            log.info("[%d/%d] %s: exporting to ONNX (opset %d)", i, len(names), name, options.opset)
             components[name] = _export_component(pipe, name, tmp, options)
             seconds[name] = time.perf_counter() - t0
             check = components[name].verification
             log.info(
                 "[%d/%d] %s: done in %.1f s, %s, %.1f MB, max abs error vs PyTorch %s",
                 i,
-                len(options.components),
+                len(names),
                 name,
                 seconds[name],
                 components[name].precision,
                 sum(f.bytes for f in components[name].files) / 1e6,
                 f"{check['max_abs_error']:.2e} (PSNR {check['psnr_db']:.1f} dB)" if check else "not checked",
             )
-        tokenizer = _write_tokenizer(pipe, tmp)
+        tokenizers = {folder: _write_tokenizer(pipe, folder, tmp) for folder in pipe.tokenizers}
         (tmp / "scheduler").mkdir()
         shutil.copyfile(source / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
         _carry_engines(out_dir, tmp)
-        manifest = _manifest(pipe, model, revision, components, tokenizer, options, fingerprint, seconds)
+        manifest = _manifest(pipe, model, revision, components, tokenizers, options, fingerprint, seconds)
         manifest.build["seconds"]["total"] = time.perf_counter() - started
         manifest.save(tmp)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - started)
@@ -205,12 +217,12 @@ def _carry_engines(out_dir: Path, tmp: Path) -> None:
 
 def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: ExportOptions) -> Component:
     dims = pipe.dims
-    spec = component_specs(dims)[name]
+    spec = pipe.family.specs(dims)[name]
     module = pipe.module(name)
     rng = np.random.default_rng(options.seed)
     m = dims.latent_multiple
     # Distinct sizes for every symbolic dimension, so the exporter cannot mistake one for another.
-    trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng)
+    trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng, dims.vocab_size)
     path = root / "onnx" / f"{name}.onnx"
     t0 = time.perf_counter()
     export_onnx(spec, module, trace, path, options.opset)
@@ -226,7 +238,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
         if step == "slim":
             steps.append(graph.slim(path))
         elif step == "ort-fusion":
-            steps.append(graph.ort_fusion(path, name))
+            steps.append(graph.ort_fusion(path, spec.ort_model_type))
     precision = options.precision_of(name, pipe.family)
     if precision != "fp32":
         islands = ("attention",) if precision == "fp16+fp32-attention" else ()
@@ -234,7 +246,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     verification = {}
     if options.verify:
         t0 = time.perf_counter()
-        other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng)
+        other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng, dims.vocab_size)
         verification = verify_onnx(spec, module, path, [trace, other], precision)
         graph.release_memory()
         log.info(
@@ -269,46 +281,65 @@ def _stats_now(path: Path, started: float) -> dict:
     return {"nodes_after": s["nodes"], "bytes_after": s["bytes"], "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _write_tokenizer(pipe: LoadedPipeline, root: Path) -> TokenizerInfo:
+def _write_tokenizer(pipe: LoadedPipeline, folder: str, root: Path) -> TokenizerInfo:
     """Whatever layout the source used (vocab.json + merges.txt, or tokenizer.json), write the
     ``tokenizers`` file the runtime loads."""
-    out = root / "tokenizer"
+    tokenizer = pipe.tokenizers[folder]
+    out = root / folder
     out.mkdir()
-    pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
-    if pipe.tokenizer.pad_token_id is None:
-        raise ExportError("tokenizer: expected a pad token (SD 1.x pads with <|endoftext|>, SD 2.x with '!'), got none")
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    if tokenizer.pad_token_id is None:
+        raise ExportError(
+            f"{folder}: expected a pad token (SD 1.x pads with <|endoftext|>, SD 2.x and SDXL's second with '!'), "
+            "got none"
+        )
     return TokenizerInfo(
-        path="tokenizer",
+        path=folder,
         max_length=pipe.dims.text_length,
-        pad_token_id=int(pipe.tokenizer.pad_token_id),
+        pad_token_id=int(tokenizer.pad_token_id),
         files=[FileRecord.of(root, out / "tokenizer.json")],
     )
 
 
-def _manifest(pipe, model, revision, components, tokenizer, options, fingerprint, seconds) -> Manifest:
+def _manifest(pipe, model, revision, components, tokenizers, options, fingerprint, seconds) -> Manifest:
     dims = pipe.dims
-    sample_size = int(pipe.unet.config.sample_size)
+    vae = {
+        "kind": dims.vae_kind,
+        "class": type(pipe.vae).__name__,
+        **({"source": pipe.vae_source} if pipe.vae_source else {}),
+    }
     return Manifest(
         sdrt_version=tool_versions()["sdrt"],
-        source={"model": model, "revision": revision, "path": str(pipe.source)},
-        family=pipe.family,
+        source={
+            "model": model,
+            "revision": revision,
+            "path": str(pipe.source),
+            "pipeline": pipe.model_index.get("_class_name"),
+        },
+        family=pipe.family.name,
         prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_scale_factor=dims.vae_scale_factor,
         latent_channels=dims.latent_channels,
-        text_length=tokenizer.max_length,
+        text_length=dims.text_length,
         spatial_multiple=dims.spatial_multiple,
-        default_height=sample_size * dims.vae_scale_factor,
-        default_width=sample_size * dims.vae_scale_factor,
-        tokenizers={"tokenizer": tokenizer},
+        default_height=dims.sample_size * dims.vae_scale_factor,
+        default_width=dims.sample_size * dims.vae_scale_factor,
+        tokenizers=tokenizers,
         scheduler_config="scheduler/scheduler_config.json",
         components=components,
+        dims=dims.to_dict(),
+        pipeline_options={
+            "force_zeros_for_empty_prompt": bool(pipe.model_index.get("force_zeros_for_empty_prompt", False)),
+            "requires_aesthetics_score": bool(pipe.model_index.get("requires_aesthetics_score", False)),
+        },
+        vae=vae,
         build={
             "input_fingerprint": fingerprint,
             "versions": tool_versions(),
             "options": {
                 **options.__dict__,
-                "components": list(options.components),
+                "components": list(components),
                 "component_precision": dict(options.component_precision),
                 "optimizations": list(options.optimizations),
             },

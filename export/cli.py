@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdrt.export.specs import COMPONENTS
+from sdrt.runtime.families import ALL_COMPONENTS
 
 
 def register_export(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,13 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for a hub id")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
-    p.add_argument("--components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS, help="components to export")
+    p.add_argument(
+        "--components",
+        nargs="+",
+        default=[],
+        choices=ALL_COMPONENTS,
+        help="components to export (default: all of the model family's; the VAE encoder may be left out)",
+    )
     p.add_argument(
         "--precision",
         default="fp32",
@@ -48,6 +54,13 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         "'ort-fusion' (onnxruntime transformer fusions; the graphs then run in onnxruntime only). "
         "Give no STEP to skip all",
     )
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="FOLDER",
+        help="a VAE folder to export in place of the model's own (decoder and encoder), e.g. a tiny autoencoder "
+        "(diffusers AutoencoderTiny: TAESD for SD 1.x/2.x, TAESDXL for SDXL); recorded in the manifest",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
     p.set_defaults(func=_export)
@@ -70,6 +83,7 @@ def _export(args: argparse.Namespace) -> int:
         precision=args.precision,
         component_precision=tuple(overrides),
         optimizations=tuple(args.optimize),
+        vae=args.vae,
     )
     report = export_pipeline(args.model, args.out, options, revision=args.revision, force=args.force)
     m = report.manifest
@@ -82,7 +96,8 @@ def _export(args: argparse.Namespace) -> int:
             nodes = c.optimization.get("steps", [{}])[-1].get("nodes_after", "?")
             mb = sum(f.bytes for f in c.files) / 1e6
             print(f"{c.name:13s} {c.precision:20s} {nodes:>7} {mb:9.1f} {err:>11s} {db:>8s}")
-        print(f"exported {m.family} model to {args.out} in {m.build['seconds']['total']:.1f} s")
+        vae = f" with {m.vae['class']} from {m.vae['source']['path']}" if m.vae.get("source") else ""
+        print(f"exported {m.family} model{vae} to {args.out} in {m.build['seconds']['total']:.1f} s")
     return 0
 
 
@@ -91,11 +106,17 @@ def register_random_model(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "random-model",
-        help="build a random-weight SD pipeline folder (the tiny default model, or SD 1.5-shaped)",
+        help="build a random-weight SD pipeline folder (the tiny default model, tiny SDXL/LCM/inpaint/turbo "
+        "variants, a tiny TAESD, or SD 1.5-shaped)",
         description=(
             "Write a random-weight Stable Diffusion pipeline (diffusers folder) built locally from known configs "
             "with a fixed seed, with CLIP's real BPE tokenizer taken from the open_clip_torch package. "
-            "'tiny' is the embedded default model; 'sd15' has SD 1.5's full architecture (3.4 GB UNet)."
+            "'tiny' is the embedded default model; 'sd15' has SD 1.5's full architecture (3.4 GB UNet). "
+            "Tiny variants, each loadable by its diffusers pipeline class: 'tiny-sdxl' (two text encoders, "
+            "text_time micro-conditioning), 'tiny-sdxl-refiner' (text_encoder_2 only, aesthetic score), "
+            "'tiny-sd-inpaint' (9-channel UNet), 'tiny-lcm' (guidance-embedding UNet, LCM scheduler), "
+            "'tiny-sd-turbo' (tiny with Euler ancestral, trailing spacing); 'tiny-taesd' is a lone "
+            "AutoencoderTiny folder that stands in for the VAE of tiny and tiny-sdxl."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -163,7 +184,7 @@ def register_engines(sub: argparse._SubParsersAction) -> None:
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from sdrt.export.engines import ENGINE_COMPONENTS, EngineOptions, build_engines
+    from sdrt.export.engines import EngineOptions, build_engines
     from sdrt.runtime.errors import BackendError
     from sdrt.runtime.manifest import Manifest
     from sdrt.runtime.profiles import Range, ShapeRanges, input_profile
@@ -172,7 +193,7 @@ def _engines(args: argparse.Namespace) -> int:
     ranges = ShapeRanges(
         Range.parse(args.batch, "--batch"), Range.parse(args.height, "--height"), Range.parse(args.width, "--width")
     )
-    components = tuple(args.components or ENGINE_COMPONENTS)
+    components = tuple(args.components or ALL_COMPONENTS)
     options = EngineOptions(
         ranges=ranges,
         precision=args.precision,

@@ -22,6 +22,7 @@ import numpy as np
 from sdrt.export.graph import release_memory
 from sdrt.runtime.engine_cache import onnx_fingerprint
 from sdrt.runtime.errors import ExportError
+from sdrt.runtime.families import ALL_COMPONENTS
 from sdrt.runtime.manifest import Component, Manifest
 from sdrt.runtime.ort_cpu_engines import (
     CpuEngineRecord,
@@ -37,7 +38,7 @@ from sdrt.runtime.profiles import Range, ShapeRanges, input_profile
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ALL_COMPONENTS  # those of them the artifacts have
 # The engine must compute what the portable graph computes: fusions reorder float arithmetic, so
 # the bound is relative to the output's scale, as for the export's own fp32 check.
 TOLERANCE = 1e-3

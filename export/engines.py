@@ -31,13 +31,14 @@ from sdrt.runtime.engine_cache import (
     stale_reason,
 )
 from sdrt.runtime.errors import ArtifactError, ExportError
+from sdrt.runtime.families import ALL_COMPONENTS
 from sdrt.runtime.hashing import sha256_file
 from sdrt.runtime.manifest import Component, Manifest
 from sdrt.runtime.profiles import ShapeRanges, input_profile, output_max_shapes
 
 log = logging.getLogger(__name__)
 
-ENGINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+ENGINE_COMPONENTS = ALL_COMPONENTS  # those of them the artifacts have
 
 
 @dataclass(frozen=True)

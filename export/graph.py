@@ -25,8 +25,6 @@ EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 
 OPTIMIZATIONS = ("slim", "ort-fusion")
 DEFAULT_OPTIMIZATIONS = ("slim",)
-# onnxruntime's fusion model type per component (onnxruntime.transformers.optimizer).
-ORT_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
 def data_path(path: Path) -> Path:
@@ -136,7 +134,7 @@ def slim(path: Path) -> dict:
     )
 
 
-def ort_fusion(path: Path, component: str, num_heads: int = 0, hidden_size: int = 0) -> dict:
+def ort_fusion(path: Path, model_type: str, num_heads: int = 0, hidden_size: int = 0) -> dict:
     """onnxruntime's transformer fusions (attention, LayerNorm, GELU, ...), CPU-safe subset.
 
     The fused graph uses onnxruntime contrib operators (com.microsoft domain): it runs in
@@ -147,7 +145,6 @@ def ort_fusion(path: Path, component: str, num_heads: int = 0, hidden_size: int 
     from onnxruntime.transformers.optimizer import optimize_model
 
     started, before = time.perf_counter(), stats(path)
-    model_type = ORT_MODEL_TYPES[component]
     options = FusionOptions(model_type)
     # These fuse into CUDA-only contrib kernels; the CPU provider would have no kernel for them.
     for flag in (

@@ -1,53 +1,114 @@
-"""Loading a diffusers pipeline's parts and wrapping each as a module with plain tensor in/out."""
+"""Loading a diffusers pipeline's parts and wrapping each as a module with plain tensors in and out.
+
+Which parts a folder has, and what each graph takes and returns, comes from its family
+(``sdrt.runtime.families``); each component spec names its wrapper class here.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sdrt.export.specs import ModelDims
+from sdrt.runtime import families
 from sdrt.runtime.errors import ExportError
+from sdrt.runtime.families import Family, ModelDims
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 SOURCE_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "text_encoder/*.json",
     "text_encoder/model.safetensors",
+    "text_encoder_2/*.json",
+    "text_encoder_2/model.safetensors",
     "unet/*.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/*.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 class TextEncoder(torch.nn.Module):
-    def __init__(self, text_encoder):
+    """input_ids -> the outputs the spec names: last_hidden_state, pooler_output,
+    penultimate_hidden_state (SDXL conditions on the layer before the last) or text_embeds (the projection)."""
+
+    def __init__(self, text_encoder, outputs: tuple[str, ...]):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.outputs = text_encoder, outputs
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        hidden = "penultimate_hidden_state" in self.outputs
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=hidden, return_dict=True)
+        values = {
+            "last_hidden_state": lambda: out.last_hidden_state,
+            "pooler_output": lambda: out.pooler_output,
+            "penultimate_hidden_state": lambda: out.hidden_states[-2],
+            "text_embeds": lambda: out.text_embeds,
+        }
+        return tuple(values[name]() for name in self.outputs)
 
 
 class UNet(torch.nn.Module):
+    """sample, timestep, encoder_hidden_states -> noise prediction (the exporter needs each input as a
+    named parameter, hence one subclass per input set below)."""
+
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
+    def predict(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
     def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.predict(sample, timestep, encoder_hidden_states)
+
+
+class UNetLCM(UNet):
+    """+ LCM's guidance embedding."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.predict(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond)
+
+
+class UNetXL(UNet):
+    """+ SDXL's pooled text embedding and micro-conditioning."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.predict(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+
+
+class UNetXLLCM(UNet):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond):
+        return self.predict(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond)
+
+
+UNET_WRAPPERS = {
+    ("sample", "timestep", "encoder_hidden_states"): UNet,
+    ("sample", "timestep", "encoder_hidden_states", "timestep_cond"): UNetLCM,
+    ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"): UNetXL,
+    ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"): UNetXLLCM,
+}
 
 
 class VaeDecoder(torch.nn.Module):
+    """Scaled latents -> image in [-1, 1] (AutoencoderKL and AutoencoderTiny alike)."""
+
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
@@ -57,14 +118,17 @@ class VaeDecoder(torch.nn.Module):
 
 
 class VaeEncoder(torch.nn.Module):
-    """Image in [-1, 1] -> the Gaussian's parameters (mean and log-variance stacked on channels),
-    so that the runtime samples with its own generator, as diffusers' ``latent_dist`` does."""
+    """Image in [-1, 1] -> for AutoencoderKL the Gaussian's parameters (mean and log-variance stacked
+    on channels), so that the runtime samples with its own generator as diffusers' ``latent_dist``
+    does; for AutoencoderTiny its latents."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
     def forward(self, image):
+        if not hasattr(self.vae, "quant_conv"):  # AutoencoderTiny
+            return self.vae.encode(image, return_dict=False)[0]
         moments = self.vae.encoder(image)
         return self.vae.quant_conv(moments) if self.vae.quant_conv is not None else moments
 
@@ -72,22 +136,31 @@ class VaeEncoder(torch.nn.Module):
 @dataclass
 class LoadedPipeline:
     source: Path
-    family: str
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    tokenizer: object
+    family: Family
+    parts: dict[str, torch.nn.Module]  # text_encoder(s), unet, vae
+    tokenizers: dict[str, object]  # folder name -> transformers CLIPTokenizer
     scheduler_config: dict
+    model_index: dict
     dims: ModelDims
+    vae_source: dict = field(default_factory=dict)  # {"path", "class"} when --vae replaced the model's own
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.parts["unet"]
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.parts["vae"]
 
     def module(self, name: str) -> torch.nn.Module:
-        wrappers = {
-            "text_encoder": lambda: TextEncoder(self.text_encoder),
-            "unet": lambda: UNet(self.unet),
-            "vae_decoder": lambda: VaeDecoder(self.vae),
-            "vae_encoder": lambda: VaeEncoder(self.vae),
-        }
-        return wrappers[name]().eval()
+        spec = self.family.specs(self.dims)[name]
+        if spec.wrapper == "TextEncoder":
+            module = TextEncoder(self.parts[name], tuple(t.name for t in spec.outputs))
+        elif spec.wrapper == "UNet":
+            module = UNET_WRAPPERS[tuple(t.name for t in spec.inputs)](self.unet)
+        else:
+            module = {"VaeDecoder": VaeDecoder, "VaeEncoder": VaeEncoder}[spec.wrapper](self.vae)
+        return module.eval()
 
 
 def resolve_source(model: str, revision: str | None = None) -> Path:
@@ -103,42 +176,93 @@ def resolve_source(model: str, revision: str | None = None) -> Path:
     return Path(snapshot_download(model, revision=revision, allow_patterns=SOURCE_PATTERNS))
 
 
-def source_files(source: Path) -> list[Path]:
-    """Every file of the source folder that export reads, in a stable order (for the input fingerprint)."""
+def source_files(source: Path, vae: Path | None = None) -> list[Path]:
+    """Every file export reads, in a stable order (for the input fingerprint)."""
     files = {p for pattern in SOURCE_PATTERNS for p in source.glob(pattern) if p.is_file()}
+    if vae is not None:
+        files |= {p for pattern in VAE_PATTERNS for p in vae.glob(pattern) if p.is_file()}
     return sorted(files)
 
 
-def load_pipeline(source: Path) -> LoadedPipeline:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: expected the {what} (JSON), got {e}") from e
+
+
+def load_vae(folder: Path) -> torch.nn.Module:
+    """An AutoencoderKL or AutoencoderTiny folder, by its config's class."""
+    import diffusers
+
+    config = _json(folder / "config.json", "VAE's config.json")
+    kind = config.get("_class_name")
+    if kind not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ExportError(f"{folder}: expected an AutoencoderKL or AutoencoderTiny folder, got {kind!r}")
+    return getattr(diffusers, kind).from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def load_pipeline(source: Path, vae: Path | None = None) -> LoadedPipeline:
+    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index_path = source / "model_index.json"
     if not index_path.is_file():
         raise ExportError(f"{source}: expected a diffusers pipeline folder with model_index.json, found none")
-    index = json.loads(index_path.read_text())
-    kind = index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
-        raise ExportError(f"{index_path}: expected a pipeline of {', '.join(SUPPORTED_PIPELINES)}, got {kind!r}")
-    for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+    index = _json(index_path, "pipeline index")
+    unet_config = _json(source / "unet" / "config.json", "UNet's config.json") if (source / "unet").is_dir() else {}
+    family = families.detect(index, unet_config) if unet_config else None
+    if family is None:
+        raise ExportError(f"{source}: expected a 'unet' folder in the pipeline, found none")
+    needed = [r.tokenizer for r in family.text_encoders] + [r.component for r in family.text_encoders]
+    for part in (*needed, "unet", "scheduler", *(() if vae else ("vae",))):
         if not (source / part).is_dir():
-            raise ExportError(f"{source}: expected a '{part}' folder in the pipeline, found none")
+            raise ExportError(f"{source}: expected a '{part}' folder in the {family.name} pipeline, found none")
 
-    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder", torch_dtype=torch.float32).eval()
-    unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32).eval()
-    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32).eval()
-    scheduler_config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+    parts: dict[str, torch.nn.Module] = {}
+    tokenizers = {}
+    for role in family.text_encoders:
+        tokenizers[role.tokenizer] = CLIPTokenizer.from_pretrained(source / role.tokenizer)
+        cls = CLIPTextModelWithProjection if role.pooled_output else CLIPTextModel
+        parts[role.component] = cls.from_pretrained(source / role.component, torch_dtype=torch.float32).eval()
+    parts["unet"] = unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32).eval()
+    vae_folder = Path(vae) if vae else source / "vae"
+    parts["vae"] = vae_model = load_vae(vae_folder)
+    scheduler_config = _json(source / "scheduler" / "scheduler_config.json", "scheduler config")
 
-    text_cfg = text_encoder.config
+    first = family.text_encoders[0]
+    tokenizer = tokenizers[first.tokenizer]
+    encoders = [parts[r.component].config for r in family.text_encoders]
+    last = family.text_encoders[-1]
+    vae_kind = "tiny" if type(vae_model).__name__ == "AutoencoderTiny" else "kl"
+    ucfg = unet.config
+    time_ids = 0
+    if ucfg.get("addition_embed_type") == "text_time":
+        time_ids = 5 if family.micro_conditioning == "refiner" else 6
     dims = ModelDims(
-        text_length=min(int(tokenizer.model_max_length), int(text_cfg.max_position_embeddings)),
-        text_hidden=int(text_cfg.hidden_size),
-        vocab_size=int(text_cfg.vocab_size),
-        latent_channels=int(unet.config.in_channels),
-        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        unet_levels=len(unet.config.block_out_channels),
-        cross_attention_dim=int(unet.config.cross_attention_dim),
+        text_length=min(int(tokenizer.model_max_length), *(int(c.max_position_embeddings) for c in encoders)),
+        text_hidden=tuple(int(c.hidden_size) for c in encoders),
+        vocab_size=min(int(c.vocab_size) for c in encoders),
+        latent_channels=int(vae_model.config.latent_channels),
+        unet_in_channels=int(ucfg.in_channels),
+        vae_scale_factor=2 ** (len(vae_model.config.block_out_channels) - 1),
+        unet_levels=len(ucfg.block_out_channels),
+        cross_attention_dim=int(ucfg.cross_attention_dim),
+        pooled_dim=int(parts[last.component].config.projection_dim) if last.pooled_output else 0,
+        time_ids=time_ids,
+        time_cond_dim=int(ucfg.get("time_cond_proj_dim") or 0),
+        vae_kind=vae_kind,
+        sample_size=int(ucfg.sample_size),
     )
-    family = "sd2" if dims.cross_attention_dim == 1024 else "sd1"
-    return LoadedPipeline(source, family, text_encoder, unet, vae, tokenizer, scheduler_config, dims)
+    if time_ids and family.micro_conditioning:
+        expected = int(ucfg.addition_time_embed_dim) * time_ids + dims.pooled_dim
+        got = int(ucfg.projection_class_embeddings_input_dim)
+        if expected != got:
+            raise ExportError(
+                f"{source}/unet/config.json: projection_class_embeddings_input_dim expected {expected} for a "
+                f"{family.name} UNet ({time_ids} time ids x {ucfg.addition_time_embed_dim} + pooled {dims.pooled_dim}), "
+                f"got {got}"
+            )
+    vae_source = {"path": str(vae_folder), "class": type(vae_model).__name__} if vae else {}
+    return LoadedPipeline(source, family, parts, tokenizers, scheduler_config, index, dims, vae_source)

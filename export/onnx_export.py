@@ -13,8 +13,8 @@ import onnx
 import torch
 
 from sdrt.export import graph
-from sdrt.export.specs import ComponentSpec
 from sdrt.runtime.errors import ExportError
+from sdrt.runtime.families import ComponentSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Random-weight Stable Diffusion pipelines built locally, deterministically, from known configs.
 
 No weights can be downloaded, so tests, the default artifacts and the benchmarks use pipelines of
-real architectures with random weights:
+real architectures with random weights. Each preset is written by the diffusers class that loads it
+(``from_pretrained``, offline), with weights drawn from ``torch.manual_seed(seed + offset)`` per part:
 
 ``tiny``  the embedded default model. Sizes follow diffusers' own pipeline tests (UNet 32/64
           channels, CLIP text encoder of width 32), with two changes so that shapes map exactly as
@@ -10,18 +11,41 @@ real architectures with random weights:
           SD 1.5's betas, as diffusers' tests use.
 ``sd15``  SD 1.5's published configs: the 860 M-parameter UNet, CLIP ViT-L/14 text encoder, the
           standard VAE and PNDM scheduler (3.4 GB of fp32 UNet weights).
+``tiny-sdxl``  ``StableDiffusionXLPipeline`` at the sizes of diffusers' SDXL tests: two CLIP text
+          encoders of width 32 (``text_encoder`` like ``tiny``'s; ``text_encoder_2`` with a 32-wide
+          pooled projection, GELU as OpenCLIP bigG, seed + 1), a UNet with SDXL's "text_time"
+          micro-conditioning (cross-attention 64 = 32 + 32, time-id embedding 8, add-embedding
+          input 80 = 6 * 8 + 32, linear projections, transformer layers (1, 2)), ``tiny``'s VAE with
+          SDXL's latent scaling factor 0.13025, and SDXL's Euler scheduler ("leading" spacing).
+          ``tokenizer_2`` pads with "!" (id 0) as SDXL's does; ``force_zeros_for_empty_prompt``.
+``tiny-sdxl-refiner``  ``StableDiffusionXLImg2ImgPipeline`` as the SDXL refiner ships: only
+          ``text_encoder_2``/``tokenizer_2`` (the same weights as ``tiny-sdxl``'s), a UNet (seed + 1)
+          with cross-attention 32 and add-embedding input 72 = 5 * 8 + 32 (original size, crop,
+          aesthetic score), ``requires_aesthetics_score``, and ``tiny-sdxl``'s VAE (the same weights,
+          so latents hand over from the base).
+``tiny-sd-inpaint``  ``StableDiffusionInpaintPipeline``: ``tiny`` with a 9-channel UNet input
+          (latents, mask, masked-image latents).
+``tiny-lcm``  ``LatentConsistencyModelPipeline``: ``tiny`` with the UNet's guidance embedding
+          (``time_cond_proj_dim`` 32) and the LCM scheduler as LCM-Dreamshaper ships it.
+``tiny-sd-turbo``  ``StableDiffusionPipeline``: ``tiny``'s weights with SD-Turbo's scheduler (Euler
+          ancestral, "trailing" spacing).
+``tiny-taesd``  not a pipeline: an ``AutoencoderTiny`` folder (four 32-channel blocks, scale factor 8,
+          4 latent channels) that stands in for the VAE of ``tiny`` and of ``tiny-sdxl`` alike, as
+          TAESD and TAESDXL do.
 
-Both ship CLIP's real BPE tokenizer in the classic ``vocab.json`` + ``merges.txt`` layout.
+All CLIP tokenizers are CLIP's real BPE tokenizer in the classic ``vocab.json`` + ``merges.txt``
+layout, and all CLIP text encoders have the classic ``text_model.`` key layout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrt.export.atomic import atomic_directory
-from sdrt.export.clip_vocab import write_clip_tokenizer_files
+from sdrt.export.clip_vocab import EOS, write_clip_tokenizer_files
 from sdrt.runtime.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -30,137 +54,315 @@ SEED = 0
 RECIPE = 2  # bump when a preset below changes, so existing folders are rebuilt
 MARKER = "sdrt-random-model.json"
 
-SD15_BETAS = {
+SD_BETAS = {  # the betas of SD 1.x/2.x and SDXL, with the steps offset they ship
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+SD15_BETAS = {**SD_BETAS, "set_alpha_to_one": False}
 
-PRESETS: dict[str, dict] = {
-    "tiny": {
-        "unet": dict(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
+CLIP_TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")  # from transformers; others from diffusers
+SD_OPTIONS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+# add_watermarker is not saved: the folders load with or without invisible-watermark installed.
+SDXL_OPTIONS = {"image_encoder": None, "feature_extractor": None, "add_watermarker": False}
+SDXL_PAD = "!"  # SDXL's tokenizer_2 pads with "!" (id 0), its tokenizer with <|endoftext|>
+
+
+@dataclass(frozen=True)
+class Part:
+    """One model of a preset: its class name, constructor config and the offset of its seed."""
+
+    cls: str
+    config: dict
+    seed_offset: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a preset writes, and which class writes it."""
+
+    pipeline: str | None  # the diffusers pipeline class; None: a lone model folder (the one part)
+    parts: dict[str, Part]
+    scheduler: tuple[str, dict] | None = None
+    tokenizers: dict[str, str] = field(default_factory=dict)  # tokenizer folder -> its pad token
+    options: dict = field(default_factory=dict)  # other constructor arguments (absent parts are None)
+
+
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+)
+TINY_VAE = dict(
+    block_out_channels=(32, 32, 64, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    sample_size=256,
+)
+TINY_TEXT_ENCODER = dict(
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-05,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+TINY_DDIM = ("DDIMScheduler", {**SD15_BETAS, "clip_sample": False, "prediction_type": "epsilon"})
+
+# SDXL at the sizes of diffusers' SDXL pipeline tests (with CLIP's real vocabulary and a 4-block VAE).
+TINY_SDXL_UNET = dict(
+    TINY_UNET,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids * 8 + text_encoder_2's pooled projection
+    cross_attention_dim=32 + 32,  # both encoders' hidden states, concatenated
+)
+TINY_SDXL_REFINER_UNET = dict(
+    TINY_SDXL_UNET,
+    projection_class_embeddings_input_dim=5 * 8 + 32,  # original size, crop, aesthetic score
+    cross_attention_dim=32,  # text_encoder_2's hidden states only
+)
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025)  # SDXL's VAE latent scale
+TINY_TEXT_ENCODER_2 = dict(TINY_TEXT_ENCODER, hidden_act="gelu", projection_dim=32)  # OpenCLIP bigG's shape
+SDXL_EULER = ("EulerDiscreteScheduler", {**SD_BETAS, "prediction_type": "epsilon", "timestep_spacing": "leading"})
+
+TINY_PARTS = {
+    "unet": Part("UNet2DConditionModel", TINY_UNET),
+    "vae": Part("AutoencoderKL", TINY_VAE),
+    "text_encoder": Part("CLIPTextModel", TINY_TEXT_ENCODER),
+}
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("StableDiffusionPipeline", TINY_PARTS, TINY_DDIM, {"tokenizer": EOS}, SD_OPTIONS),
+    "sd15": Preset(
+        "StableDiffusionPipeline",
+        {
+            "unet": Part(
+                "UNet2DConditionModel",
+                dict(
+                    sample_size=64,
+                    in_channels=4,
+                    out_channels=4,
+                    down_block_types=(
+                        "CrossAttnDownBlock2D",
+                        "CrossAttnDownBlock2D",
+                        "CrossAttnDownBlock2D",
+                        "DownBlock2D",
+                    ),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    block_out_channels=(320, 640, 1280, 1280),
+                    layers_per_block=2,
+                    cross_attention_dim=768,
+                    attention_head_dim=8,
+                ),
+            ),
+            "vae": Part(
+                "AutoencoderKL",
+                dict(
+                    block_out_channels=(128, 256, 512, 512),
+                    in_channels=3,
+                    out_channels=3,
+                    down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4,
+                    latent_channels=4,
+                    layers_per_block=2,
+                    sample_size=512,
+                ),
+            ),
+            "text_encoder": Part(
+                "CLIPTextModel",
+                dict(  # openai/clip-vit-large-patch14's text tower, as SD 1.5 ships it
+                    bos_token_id=0,
+                    eos_token_id=2,
+                    pad_token_id=1,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_attention_heads=12,
+                    num_hidden_layers=12,
+                    max_position_embeddings=77,
+                    vocab_size=49408,
+                    projection_dim=768,
+                    hidden_act="quick_gelu",
+                ),
+            ),
+        },
+        ("PNDMScheduler", {**SD15_BETAS, "skip_prk_steps": True}),
+        {"tokenizer": EOS},
+        SD_OPTIONS,
+    ),
+    "tiny-sdxl": Preset(
+        "StableDiffusionXLPipeline",
+        {
+            "unet": Part("UNet2DConditionModel", TINY_SDXL_UNET),
+            "vae": Part("AutoencoderKL", TINY_SDXL_VAE),
+            "text_encoder": Part("CLIPTextModel", TINY_TEXT_ENCODER),
+            "text_encoder_2": Part("CLIPTextModelWithProjection", TINY_TEXT_ENCODER_2, seed_offset=1),
+        },
+        SDXL_EULER,
+        {"tokenizer": EOS, "tokenizer_2": SDXL_PAD},
+        {**SDXL_OPTIONS, "force_zeros_for_empty_prompt": True},
+    ),
+    "tiny-sdxl-refiner": Preset(
+        "StableDiffusionXLImg2ImgPipeline",
+        {
+            "unet": Part("UNet2DConditionModel", TINY_SDXL_REFINER_UNET, seed_offset=1),
+            "vae": Part("AutoencoderKL", TINY_SDXL_VAE),
+            "text_encoder_2": Part("CLIPTextModelWithProjection", TINY_TEXT_ENCODER_2, seed_offset=1),
+        },
+        SDXL_EULER,
+        {"tokenizer_2": SDXL_PAD},
+        {
+            **SDXL_OPTIONS,
+            "text_encoder": None,
+            "tokenizer": None,
+            "requires_aesthetics_score": True,
+            "force_zeros_for_empty_prompt": False,
+        },
+    ),
+    "tiny-sd-inpaint": Preset(
+        "StableDiffusionInpaintPipeline",
+        {**TINY_PARTS, "unet": Part("UNet2DConditionModel", dict(TINY_UNET, in_channels=9))},
+        TINY_DDIM,
+        {"tokenizer": EOS},
+        SD_OPTIONS,
+    ),
+    "tiny-lcm": Preset(
+        "LatentConsistencyModelPipeline",
+        {**TINY_PARTS, "unet": Part("UNet2DConditionModel", dict(TINY_UNET, time_cond_proj_dim=32))},
+        (
+            "LCMScheduler",  # as SimianLuo/LCM_Dreamshaper_v7 ships it
+            {
+                **SD_BETAS,
+                "set_alpha_to_one": True,
+                "clip_sample": False,
+                "prediction_type": "epsilon",
+                "original_inference_steps": 50,
+                "timestep_scaling": 10.0,
+                "timestep_spacing": "leading",
+            },
         ),
-        "vae": dict(
-            block_out_channels=(32, 32, 64, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            sample_size=256,
+        {"tokenizer": EOS},
+        SD_OPTIONS,
+    ),
+    "tiny-sd-turbo": Preset(
+        "StableDiffusionPipeline",
+        TINY_PARTS,
+        (
+            "EulerAncestralDiscreteScheduler",  # as stabilityai/sd-turbo ships it
+            {**SD_BETAS, "prediction_type": "epsilon", "timestep_spacing": "trailing"},
         ),
-        "text_encoder": dict(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        ),
-        "scheduler": ("DDIMScheduler", {**SD15_BETAS, "clip_sample": False, "prediction_type": "epsilon"}),
-    },
-    "sd15": {
-        "unet": dict(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        ),
-        "vae": dict(
-            block_out_channels=(128, 256, 512, 512),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            sample_size=512,
-        ),
-        "text_encoder": dict(  # openai/clip-vit-large-patch14's text tower, as SD 1.5 ships it
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            vocab_size=49408,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        ),
-        "scheduler": ("PNDMScheduler", {**SD15_BETAS, "skip_prk_steps": True}),
-    },
+        {"tokenizer": EOS},
+        SD_OPTIONS,
+    ),
+    "tiny-taesd": Preset(
+        None,
+        {
+            "vae": Part(
+                "AutoencoderTiny",
+                dict(
+                    in_channels=3,
+                    out_channels=3,
+                    encoder_block_out_channels=(32, 32, 32, 32),
+                    decoder_block_out_channels=(32, 32, 32, 32),
+                    num_encoder_blocks=(1, 1, 1, 1),
+                    num_decoder_blocks=(1, 1, 1, 1),
+                    latent_channels=4,
+                ),
+            )
+        },
+    ),
 }
 
 
-def build_pipeline(preset: str = "tiny", seed: int = SEED):
-    """The preset's parts as diffusers/transformers objects, weights drawn from ``torch.manual_seed(seed)``."""
-    import diffusers
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+def _preset(preset: str) -> Preset:
     if preset not in PRESETS:
         raise ExportError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
-    spec = PRESETS[preset]
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**spec["unet"])
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(**spec["vae"])
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
-    scheduler_class, scheduler_config = spec["scheduler"]
-    scheduler = getattr(diffusers, scheduler_class)(**scheduler_config)
-    return dict(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return PRESETS[preset]
+
+
+def build_part(part: Part, seed: int = SEED):
+    """One model with weights drawn from ``torch.manual_seed(seed + part.seed_offset)``."""
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(seed + part.seed_offset)
+    if part.cls in CLIP_TEXT_CLASSES:
+        return getattr(transformers, part.cls)(transformers.CLIPTextConfig(**part.config))
+    return getattr(diffusers, part.cls)(**part.config)
+
+
+def build_pipeline(preset: str = "tiny", seed: int = SEED) -> dict:
+    """The preset's constructor arguments, tokenizers aside: its parts as diffusers/transformers objects
+    (weights drawn from ``torch.manual_seed(seed + offset)`` per part), its scheduler and its options.
+    For a lone model preset (``tiny-taesd``), ``{"vae": model}``."""
+    import diffusers
+
+    spec = _preset(preset)
+    parts = {name: build_part(part, seed) for name, part in spec.parts.items()}
+    if spec.scheduler is not None:
+        scheduler_class, scheduler_config = spec.scheduler
+        parts["scheduler"] = getattr(diffusers, scheduler_class)(**scheduler_config)
+    return {**parts, **spec.options}
 
 
 def write_random_model(out_dir: Path, preset: str = "tiny", seed: int = SEED, bpe_path: Path | None = None) -> Path:
     """Write the preset as a diffusers folder (vocab.json + merges.txt tokenizer layout)."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
+    spec = _preset(preset)
     parts = build_pipeline(preset, seed)
     with atomic_directory(out_dir) as tmp:
-        tok_dir = write_clip_tokenizer_files(tmp / "tokenizer", bpe_path)
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-        StableDiffusionPipeline(tokenizer=tokenizer, **parts).save_pretrained(tmp)
-        # transformers 5 rewrites the tokenizer as tokenizer.json only (and drops model_max_length);
-        # real SD folders ship vocab.json + merges.txt, so rewrite that classic layout.
-        (tok_dir / "tokenizer.json").unlink(missing_ok=True)
-        write_clip_tokenizer_files(tok_dir, bpe_path)
-        classic_text_encoder_keys(tmp / "text_encoder" / "model.safetensors")
+        if spec.pipeline is None:
+            (model,) = parts.values()
+            model.save_pretrained(tmp)
+        else:
+            tokenizers = {
+                name: CLIPTokenizer.from_pretrained(_write_tokenizer(tmp / name, pad, bpe_path))
+                for name, pad in spec.tokenizers.items()
+            }
+            getattr(diffusers, spec.pipeline)(**tokenizers, **parts).save_pretrained(tmp)
+            # transformers 5 rewrites a tokenizer as tokenizer.json only (and drops model_max_length);
+            # real SD folders ship vocab.json + merges.txt, so rewrite that classic layout.
+            for name, pad in spec.tokenizers.items():
+                (tmp / name / "tokenizer.json").unlink(missing_ok=True)
+                _write_tokenizer(tmp / name, pad, bpe_path)
+            for name, part in spec.parts.items():
+                if part.cls in CLIP_TEXT_CLASSES:
+                    classic_text_encoder_keys(tmp / name / "model.safetensors")
         (tmp / MARKER).write_text(json.dumps(_recipe(preset, seed)) + "\n")
-    log.info("wrote random-weight %s pipeline to %s", preset, out_dir)
+    log.info("wrote random-weight %s %s to %s", preset, spec.pipeline or "model", out_dir)
+    return out_dir
+
+
+def _write_tokenizer(out_dir: Path, pad_token: str, bpe_path: Path | None) -> Path:
+    """CLIP's tokenizer files, padding with ``pad_token`` (SD's tokenizers pad with <|endoftext|>)."""
+    write_clip_tokenizer_files(out_dir, bpe_path)
+    if pad_token != EOS:
+        config_path = out_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["pad_token"] = pad_token
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out_dir
 
 
@@ -170,11 +372,14 @@ def classic_text_encoder_keys(path: Path) -> None:
     transformers 5 saves ``CLIPTextModel`` without it; every real SD folder (and transformers 4,
     which optimum still pins) has it, and transformers 5 loads both. Writing the classic layout
     keeps the random models readable by every tool a user may point at them.
+    ``CLIPTextModelWithProjection`` already has it, and its ``text_projection`` stays top-level.
     """
     from safetensors.numpy import load_file, save_file
 
     tensors = load_file(path)
-    renamed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}
+    renamed = {
+        k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()
+    }
     save_file(renamed, path, metadata={"format": "pt"})
 
 

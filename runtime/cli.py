@@ -116,9 +116,9 @@ def _generate(args: argparse.Namespace) -> int:
         f"wrote {', '.join(map(str, paths))}: {n} image(s) {w}x{h}, seed {result.seed}, {args.steps} steps in "
         f"{t['total']:.2f} s (text {t['text_encoder'] * 1e3:.0f} ms, denoise {t['denoise']:.2f} s, "
         f"vae {t['vae_decoder'] * 1e3:.0f} ms; load {load_s:.2f} s: "
-        + ", ".join(f"{name} {loads[name]:.2f}" for name in pipe.COMPONENTS)
+        + ", ".join(f"{name} {loads[name]:.2f}" for name in pipe.sessions)
         + f"); {args.backend}, compute {args.precision}, graphs "
-        + ", ".join(f"{name} {graphs[name]}" for name in pipe.COMPONENTS)
+        + ", ".join(f"{name} {graphs[name]}" for name in pipe.sessions)
     )
     return 0
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdrt.runtime import families
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.hashing import sha256_file
-from sdrt.runtime.manifest import MANIFEST_NAME, Component, FileRecord, Manifest, TensorSpec, TokenizerInfo
+from sdrt.runtime.manifest import MANIFEST_NAME, Component, FileRecord, Manifest, TokenizerInfo
 
 OPTIMUM_FILES = {
     "text_encoder": "text_encoder/model.onnx",
@@ -36,6 +37,7 @@ OPTIMUM_NAMES = {
         "sample": "sample",
         "timestep": "timestep",
         "encoder_hidden_states": "encoder_hidden_states",
+        "timestep_cond": "timestep_cond",
         "out_sample": "out_sample",
     },
     "vae_decoder": {"latent": "latent_sample", "image": "sample"},
@@ -69,37 +71,29 @@ def optimum_manifest(root: Path) -> Manifest:
     if not scheduler.is_file():
         raise ArtifactError(f"{root}: expected scheduler/scheduler_config.json, found none")
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    latent_multiple = 2 ** (len(unet["block_out_channels"]) - 1)
     tok_config = root / "tokenizer" / "tokenizer_config.json"
     text_length = int(text.get("max_position_embeddings", 77))
     if tok_config.is_file():
         text_length = min(text_length, int(json.loads(tok_config.read_text()).get("model_max_length", text_length)))
-    c, n = int(unet["in_channels"]), text_length
-    latent = ["batch", c, "latent_height", "latent_width"]
-    image = ["batch", 3, "image_height", "image_width"]
-    hidden = int(text["hidden_size"])
-    ours = {
-        "text_encoder": (
-            [TensorSpec("input_ids", "int64", ["batch", n])],
-            [
-                TensorSpec("last_hidden_state", "float32", ["batch", n, hidden]),
-                TensorSpec("pooler_output", "float32", ["batch", hidden]),
-            ],
-        ),
-        "unet": (
-            [
-                TensorSpec("sample", "float32", latent),
-                TensorSpec("timestep", "float32", ["batch"]),
-                TensorSpec("encoder_hidden_states", "float32", ["batch", n, int(unet["cross_attention_dim"])]),
-            ],
-            [TensorSpec("out_sample", "float32", latent)],
-        ),
-        "vae_decoder": ([TensorSpec("latent", "float32", latent)], [TensorSpec("image", "float32", image)]),
-        "vae_encoder": (
-            [TensorSpec("image", "float32", image)],
-            [TensorSpec("latent_parameters", "float32", ["batch", 2 * c, "latent_height", "latent_width"])],
-        ),
-    }
+    if unet.get("addition_embed_type") == "text_time" or (root / "text_encoder_2").exists():
+        raise ArtifactError(
+            f"{root}: an optimum export of an SDXL model; sdrt reads optimum folders of SD 1.x/2.x "
+            "(export SDXL with `sdrt export` instead)"
+        )
+    family = families.FAMILIES["sd2" if int(unet["cross_attention_dim"]) == 1024 else "sd1"]
+    dims = families.ModelDims(
+        text_length=text_length,
+        text_hidden=(int(text["hidden_size"]),),
+        vocab_size=int(text.get("vocab_size", 49408)),
+        latent_channels=int(vae.get("latent_channels", unet["out_channels"])),
+        unet_in_channels=int(unet["in_channels"]),
+        vae_scale_factor=vae_scale,
+        unet_levels=len(unet["block_out_channels"]),
+        cross_attention_dim=int(unet["cross_attention_dim"]),
+        time_cond_dim=int(unet.get("time_cond_proj_dim") or 0),
+        sample_size=int(unet["sample_size"]),
+    )
+    specs = family.specs(dims)
     components = {}
     for name, rel in OPTIMUM_FILES.items():
         path = root / rel
@@ -107,7 +101,8 @@ def optimum_manifest(root: Path) -> Manifest:
             continue
         model = onnx.load(str(path), load_external_data=False)
         graph_tensors = {v.name: v for v in (*model.graph.input, *model.graph.output)}
-        names = OPTIMUM_NAMES[name]
+        ours = {t.name for t in (*specs[name].inputs, *specs[name].outputs)}
+        names = {k: v for k, v in OPTIMUM_NAMES[name].items() if k in ours}
         absent = sorted(set(names.values()) - set(graph_tensors))
         if absent:
             raise ArtifactError(
@@ -119,7 +114,7 @@ def optimum_manifest(root: Path) -> Manifest:
         scalars = [
             ours_name for ours_name, theirs in names.items() if not graph_tensors[theirs].type.tensor_type.shape.dim
         ]
-        inputs, outputs = ours[name]
+        inputs, outputs = list(specs[name].inputs), list(specs[name].outputs)
         components[name] = Component(
             name=name,
             files=[FileRecord(p.relative_to(root).as_posix(), "", p.stat().st_size) for p in files],
@@ -130,23 +125,24 @@ def optimum_manifest(root: Path) -> Manifest:
             graph_names={k: v for k, v in names.items() if k != v},
             scalar_inputs=scalars,
         )
-    family = "sd2" if int(unet["cross_attention_dim"]) == 1024 else "sd1"
     scheduler_config = json.loads(scheduler.read_text())
     return Manifest(
         sdrt_version="",
         source={"format": "optimum", "path": str(root), "scheduler_sha256": sha256_file(scheduler)},
-        family=family,
+        family=family.name,
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         vae_scale_factor=vae_scale,
-        latent_channels=c,
+        latent_channels=dims.latent_channels,
         text_length=text_length,
-        spatial_multiple=vae_scale * latent_multiple,
-        default_height=int(unet["sample_size"]) * vae_scale,
-        default_width=int(unet["sample_size"]) * vae_scale,
+        spatial_multiple=dims.spatial_multiple,
+        default_height=dims.sample_size * vae_scale,
+        default_width=dims.sample_size * vae_scale,
         tokenizers={"tokenizer": TokenizerInfo(path="tokenizer", max_length=text_length, pad_token_id=None)},
         scheduler_config="scheduler/scheduler_config.json",
         components=components,
+        dims=dims.to_dict(),
+        vae={"kind": "kl", "class": "AutoencoderKL"},
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.hashing import VerifiedFiles, sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: model dimensions, pipeline options and VAE kind (families beyond SD 1.x/2.x)
 MANIFEST_NAME = "manifest.json"
 # Beside the engines: per-machine state, not part of the export (whose files the manifest lists).
 VERIFIED_NAME = "engines/verified-files.json"
@@ -102,11 +102,29 @@ class Manifest:
     tokenizers: dict[str, TokenizerInfo]
     scheduler_config: str
     components: dict[str, Component]
+    dims: dict = field(default_factory=dict)  # sdrt.runtime.families.ModelDims: every number shapes come from
+    # From model_index.json: SDXL's force_zeros_for_empty_prompt and requires_aesthetics_score.
+    pipeline_options: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)  # kind (kl, tiny), class, and its source when it replaced the model's
     build: dict = field(default_factory=dict)  # versions, options, input fingerprint, timings
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def model_dims(self):
+        """The recorded :class:`sdrt.runtime.families.ModelDims`."""
+        from sdrt.runtime.families import ModelDims
+
+        return ModelDims.from_dict(self.dims)
+
+    @property
+    def model_family(self):
+        """The :class:`sdrt.runtime.families.Family` the artifacts belong to."""
+        from sdrt.runtime import families
+
+        return families.get(self.family)
 
     def save(self, root: Path) -> Path:
         path = Path(root) / MANIFEST_NAME

@@ -17,12 +17,6 @@ from dataclasses import asdict, dataclass
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import Component, Manifest
 
-# Components whose batch is the doubled classifier-free-guidance batch.
-CFG_DOUBLED = ("unet",)
-# The text encoder sees conditional and unconditional prompts in one call, as the pipeline sends them
-# (at most 2 x the image batch: one row per prompt and one per negative prompt).
-TEXT_DOUBLED = ("text_encoder",)
-
 
 @dataclass(frozen=True)
 class Range:
@@ -87,9 +81,10 @@ def dimension_ranges(component: str, manifest: Manifest, ranges: ShapeRanges) ->
     """The range of every symbolic dimension a component's tensors use."""
     f = manifest.vae_scale_factor
     batch = ranges.batch
-    if component in CFG_DOUBLED + TEXT_DOUBLED:
-        # Guided calls double the batch (unconditional rows + conditional rows); min stays the single
-        # batch so that guidance_scale <= 1 (no doubling) is still served.
+    if manifest.model_family.specs(manifest.model_dims)[component].batch != "images":
+        # Guided calls double the UNet's batch (unconditional rows + conditional rows), and the text
+        # encoders see prompts and negative prompts in one call; min stays the single batch so that
+        # guidance_scale <= 1 (no doubling) is still served.
         batch = Range(batch.min, 2 * batch.opt, 2 * batch.max)
     return {
         "batch": batch,

@@ -64,3 +64,40 @@ def runtime_pipeline(tiny_artifacts):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, tiny_model):
+    """``family_models(preset)``: the random-weight model folder of a preset, built once per session."""
+    from sdrt.export.random_model import write_random_model
+
+    built = {"tiny": tiny_model}
+    root = tmp_path_factory.mktemp("family-models")
+
+    def get(preset: str) -> Path:
+        if preset not in built:
+            built[preset] = write_random_model(root / preset, preset)
+        return built[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_artifacts(tmp_path_factory, family_models, tiny_artifacts):
+    """``family_artifacts(name)``: a preset exported (fp32) once per session; ``"tiny-sd+taesd"`` is the
+    tiny model exported with the tiny autoencoder in place of its VAE."""
+    from sdrt.export.build import ExportOptions, export_pipeline
+
+    built = {"tiny": tiny_artifacts}
+    root = tmp_path_factory.mktemp("family-artifacts")
+
+    def get(name: str) -> Path:
+        if name not in built:
+            preset, _, vae = name.partition("+")
+            model = family_models("tiny" if preset == "tiny-sd" else preset)
+            options = ExportOptions(vae=str(family_models(f"tiny-{vae}")) if vae else None)
+            export_pipeline(str(model), root / name, options)
+            built[name] = root / name
+        return built[name]
+
+    return get

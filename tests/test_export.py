@@ -141,8 +141,13 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model):
         export_pipeline(str(tmp_path / "empty"), tmp_path / "out")
     with pytest.raises(ExportError, match="expected 17 or newer, got 13"):
         ExportOptions(opset=13)
-    with pytest.raises(ExportError, match="needs 'unet'"):
-        ExportOptions(components=("text_encoder", "vae_decoder"))
+    from sdrt.runtime.families import FAMILIES
+
+    with pytest.raises(ExportError, match="text-to-image needs unet"):
+        ExportOptions(components=("text_encoder", "vae_decoder")).components_of(FAMILIES["sd1"])
+    with pytest.raises(ExportError, match="expected names from the sdxl-refiner family's text_encoder_2, unet"):
+        ExportOptions(components=("text_encoder", "unet", "vae_decoder")).components_of(FAMILIES["sdxl-refiner"])
+    assert ExportOptions().components_of(FAMILIES["sdxl"])[:2] == ("text_encoder", "text_encoder_2")
     with pytest.raises(ExportError, match="precision: expected one of fp32, fp16, got 'int8'"):
         ExportOptions(precision="int8")
     with pytest.raises(ExportError, match="got vae=fp16"):
@@ -157,11 +162,11 @@ def test_large_graphs_keep_weights_as_external_data(tiny_model, tmp_path, monkey
 
     from sdrt.export import onnx_export
     from sdrt.export.modules import load_pipeline
-    from sdrt.export.specs import component_specs, sizes
+    from sdrt.runtime.families import sizes
 
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
     pipe = load_pipeline(tiny_model)
-    spec = component_specs(pipe.dims)["vae_decoder"]
+    spec = pipe.family.specs(pipe.dims)["vae_decoder"]
     feed = spec.sample(sizes(pipe.dims, 2, 4, 6), np.random.default_rng(0))
     path = tmp_path / "onnx" / "vae_decoder.onnx"
     files = onnx_export.export_onnx(spec, pipe.module("vae_decoder"), feed, path, 18)
@@ -188,10 +193,10 @@ def test_verification_fails_clearly_when_the_graph_differs(tiny_model, tiny_arti
 
     from sdrt.export import onnx_export
     from sdrt.export.modules import load_pipeline
-    from sdrt.export.specs import component_specs, sizes
+    from sdrt.runtime.families import sizes
 
     pipe = load_pipeline(tiny_model)
-    spec = component_specs(pipe.dims)["vae_decoder"]
+    spec = pipe.family.specs(pipe.dims)["vae_decoder"]
     feed = spec.sample(sizes(pipe.dims, 1, 4, 4), np.random.default_rng(0))
     module = pipe.module("vae_decoder")
 

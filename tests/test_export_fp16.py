@@ -10,6 +10,7 @@ import pytest
 from sdrt.export import graph
 from sdrt.export.build import ExportOptions, export_pipeline
 from sdrt.runtime import Manifest, Pipeline
+from sdrt.runtime.families import FAMILIES
 
 FP16 = onnx.TensorProto.FLOAT16
 FP32 = onnx.TensorProto.FLOAT
@@ -60,12 +61,15 @@ def test_override_keeps_a_component_in_fp32(fp16_artifacts):
 
 def test_family_exceptions_and_overrides():
     fp16 = ExportOptions(precision="fp16")
-    assert fp16.precision_of("unet", "sd1") == "fp16"
-    assert fp16.precision_of("unet", "sd2") == "fp16+fp32-attention"
-    assert fp16.precision_of("vae_decoder", "sdxl") == "fp32"
+    assert fp16.precision_of("unet", FAMILIES["sd1"]) == "fp16"
+    assert fp16.precision_of("unet", FAMILIES["sd2"]) == "fp16+fp32-attention"
+    assert fp16.precision_of("vae_decoder", FAMILIES["sdxl"]) == "fp32"
     forced = ExportOptions(precision="fp16", component_precision=(("unet", "fp16"), ("text_encoder", "fp32")))
-    assert forced.precision_of("unet", "sd2") == "fp16" and forced.precision_of("text_encoder", "sd1") == "fp32"
-    assert ExportOptions().precision_of("unet", "sd2") == "fp32"
+    assert (
+        forced.precision_of("unet", FAMILIES["sd2"]) == "fp16"
+        and forced.precision_of("text_encoder", FAMILIES["sd1"]) == "fp32"
+    )
+    assert ExportOptions().precision_of("unet", FAMILIES["sd2"]) == "fp32"
 
 
 def test_attention_islands_stay_fp32(tiny_artifacts, tmp_path):

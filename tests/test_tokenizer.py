@@ -71,7 +71,7 @@ def test_tokenizer_json_only_layout_exports_the_same_ids(tiny_model, tmp_path, r
     # v5 drops model_max_length; the text length then comes from the text encoder (77)
     out = tmp_path / "out"
     out.mkdir()
-    info = _write_tokenizer(load_pipeline(src), out)
+    info = _write_tokenizer(load_pipeline(src), "tokenizer", out)
     ours = ClipTokenizer(out / "tokenizer" / "tokenizer.json", info.max_length, info.pad_token_id)
     assert info.max_length == 77
     np.testing.assert_array_equal(ours(PROMPTS), reference_ids(reference, PROMPTS))

@@ -2,9 +2,12 @@
 
 A scheduler object holds only what its config determines and never changes; ``start(steps)``
 returns a run that carries the per-generation state (timesteps and, for multistep methods,
-earlier model outputs), so one loaded pipeline can serve concurrent requests. The run's
-``step(model_output, index, sample, noise)`` draws random numbers only through ``noise`` (in
-diffusers' order), so a seeded generator reproduces diffusers' stochastic samplers.
+earlier model outputs), so one loaded pipeline can serve concurrent requests. ``start(steps,
+strength)`` begins where diffusers' img2img ``get_timesteps`` does; ``start(steps, begin=i)``
+begins at index ``i`` of the full schedule instead (diffusers' ``set_begin_index``, which SDXL's
+``denoising_start`` uses; see ``conditioning.denoising_start_begin``), ignoring ``strength``.
+The run's ``step(model_output, index, sample, noise)`` draws random numbers only through
+``noise`` (in diffusers' order), so a seeded generator reproduces diffusers' stochastic samplers.
 """
 
 from __future__ import annotations

@@ -81,12 +81,42 @@ def check_prediction_type(config: dict) -> str:
     return kind
 
 
-def img2img_begin(num_inference_steps: int, strength: float, order: int = 1) -> int:
-    """Index of the first timestep an img2img run executes, as diffusers' ``get_timesteps`` computes it."""
+def img2img_begin(
+    num_inference_steps: int,
+    strength: float,
+    order: int = 1,
+    *,
+    begin: int | None = None,
+    length: int | None = None,
+    name: str = "",
+) -> int:
+    """Index of the first timestep of the full schedule a run executes.
+
+    Without ``begin``: the img2img start for ``strength``, as diffusers' ``get_timesteps`` computes it. With it:
+    ``begin`` itself, an index into the full schedule's ``length`` timesteps (diffusers' ``set_begin_index``, as
+    SDXL's ``denoising_start`` uses it); ``strength`` is then ignored, as diffusers ignores it there. ``name``
+    prefixes the error messages with the scheduler's name.
+    """
+    prefix = f"{name} " if name else ""
+    if begin is not None:
+        return check_begin(begin, length, prefix)
     if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength: expected a value in (0, 1], got {strength}")
+        raise InputError(f"{prefix}strength: expected a value in (0, 1], got {strength}")
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     return max(num_inference_steps - init_timestep, 0) * order
+
+
+def check_begin(begin, length: int, prefix: str = "") -> int:
+    if isinstance(begin, (bool, np.bool_)) or not isinstance(begin, (int, np.integer)):
+        raise InputError(
+            f"{prefix}begin: expected an integer index into the full schedule's {length} timesteps, got {begin!r}"
+        )
+    if not 0 <= begin < length:
+        raise InputError(
+            f"{prefix}begin: expected an index in 0..{length - 1} (the full schedule has {length} timesteps), "
+            f"got {begin}"
+        )
+    return int(begin)
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:

@@ -48,9 +48,13 @@ class DDIMScheduler:
         self.alphas_cumprod = alphas_cumprod(self.config)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> DDIMRun:
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> DDIMRun:
         timesteps = discrete_timesteps(self.config, num_inference_steps)
-        begin = img2img_begin(num_inference_steps, strength, self.order)
+        begin = img2img_begin(
+            num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+        )
         return DDIMRun(self, timesteps[begin:], num_inference_steps, eta)
 
 

@@ -65,11 +65,15 @@ class DDPMScheduler:
         check_option(self.name, cfg, "timestep_spacing", TIMESTEP_SPACINGS)
         self.alphas_cumprod = cumprod_like_torch(1.0 - _betas(cfg, self.name))
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> DDPMRun:
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> DDPMRun:
         timesteps = discrete_timesteps(self.config, num_inference_steps)
         # diffusers looks the previous timestep up in the full schedule, so img2img slicing keeps it.
         previous = np.append(timesteps[1:], -1)
-        begin = img2img_begin(num_inference_steps, strength, self.order)
+        begin = img2img_begin(
+            num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+        )
         return DDPMRun(self, timesteps[begin:], previous[begin:])
 
 

@@ -352,10 +352,14 @@ class DPMSolverMultistepScheduler:
         self.config = cfg
         self.last_timestep = last_timestep(alphas_cumprod, cfg["lambda_min_clipped"])
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> DPMSolverMultistepRun:
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> DPMSolverMultistepRun:
         round_timesteps = self.config["beta_schedule"] != "squaredcos_cap_v2"  # as diffusers, for Karras and Lu
         timesteps, sigmas = dpm_schedule(self, num_inference_steps, round_timesteps)
-        begin = img2img_begin(num_inference_steps, strength, self.order)
+        begin = img2img_begin(
+            num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+        )
         return DPMSolverMultistepRun(self, timesteps[begin:], sigmas, begin)
 
 

@@ -69,9 +69,13 @@ class DPMSolverSinglestepScheduler:
         self.config = cfg
         self.last_timestep = last_timestep(alphas_cumprod, cfg["lambda_min_clipped"])
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> DPMSolverSinglestepRun:
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> DPMSolverSinglestepRun:
         timesteps, sigmas = dpm_schedule(self, num_inference_steps, round_timesteps=True)
-        begin = img2img_begin(num_inference_steps, strength, self.order)
+        begin = img2img_begin(
+            num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+        )
         orders = order_list(self.config, num_inference_steps)
         return DPMSolverSinglestepRun(self, timesteps[begin:], sigmas, begin, orders=orders)
 

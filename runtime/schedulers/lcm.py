@@ -19,6 +19,7 @@ from sdrt.runtime.schedulers.common import (
     check_option,
     clip_original_sample,
     cumprod_like_torch,
+    img2img_begin,
     make_betas,
     predict_original_sample,
 )
@@ -62,8 +63,16 @@ class LCMScheduler:
             raise InputError(f"{self.name} original_inference_steps: expected 1..{n_train}, got {original}")
         self.alphas_cumprod = cumprod_like_torch(1.0 - make_betas(cfg))
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> LCMRun:
-        return LCMRun(self, self.timesteps(num_inference_steps, strength))
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> LCMRun:
+        """With ``begin``, the run starts at that index of the strength-1 schedule (diffusers' ``set_begin_index``,
+        as SDXL img2img uses it) and ``strength`` is ignored; the last step still returns the denoised sample."""
+        if begin is None:
+            return LCMRun(self, self.timesteps(num_inference_steps, strength))
+        timesteps = self.timesteps(num_inference_steps)
+        begin = img2img_begin(num_inference_steps, 1.0, begin=begin, length=len(timesteps), name=self.name)
+        return LCMRun(self, timesteps[begin:])
 
     def timesteps(self, num_inference_steps: int, strength: float = 1.0) -> np.ndarray:
         """diffusers' ``set_timesteps(num_inference_steps, strength=strength)``: evenly spaced picks, highest

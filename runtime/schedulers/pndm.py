@@ -57,8 +57,11 @@ class PNDMScheduler:
         self.alphas_cumprod = cumprod_like_torch(1.0 - make_betas(cfg))
         self.final_alpha_cumprod = np.float32(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> PNDMRun:
-        if strength < 1.0 and not self.config["skip_prk_steps"]:
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> PNDMRun:
+        warm_up = not self.config["skip_prk_steps"]
+        if begin is None and strength < 1.0 and warm_up:
             # diffusers' warm-up reads its timesteps from the unsliced list by call count, so after img2img
             # slicing it treats the noised image as being at the schedule's top timestep: noise, not an image.
             raise InputError(
@@ -67,10 +70,19 @@ class PNDMScheduler:
             )
         prk, plms = self._schedule(num_inference_steps)
         timesteps = np.concatenate([prk, plms]).astype(np.int64)
-        # Sliced as diffusers' img2img pipeline slices it. Past begin 1 this drops the repeated timestep, so after
-        # the correction call every model call sees the timestep one below its sample's noise level; diffusers
-        # does the same, and parity is the contract.
-        begin = img2img_begin(num_inference_steps, strength, self.order)
+        # Sliced as diffusers' img2img pipeline slices it (PNDM has no set_begin_index: a pipeline only slices, and
+        # the step counter starts afresh). Past begin 1 this drops the repeated timestep, so after the correction
+        # call every model call sees the timestep one below its sample's noise level; diffusers does the same, and
+        # parity is the contract.
+        begin = img2img_begin(
+            num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+        )
+        if begin and warm_up:
+            raise InputError(
+                f"{self.name} begin: expected 0 when skip_prk_steps is false (diffusers' Runge-Kutta warm-up reads "
+                f"its timesteps by call count from the top of the schedule, so it cannot start mid-schedule; set "
+                f"skip_prk_steps true), got {begin}"
+            )
         ratio = self.config["num_train_timesteps"] // num_inference_steps
         return PNDMRun(self, timesteps[begin:], prk, ratio)
 

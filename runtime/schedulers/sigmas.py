@@ -132,10 +132,12 @@ class SigmaScheduler:
         bounds = tuple(self.config.get(k) if k in self.defaults else None for k in ("sigma_min", "sigma_max"))
         return inference_sigmas(self.config, self.alphas_cumprod, num_inference_steps, bounds)
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0):
+    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None):
         with named_errors(self.name):
             timesteps, sigmas = self.schedule(num_inference_steps)
-            begin = img2img_begin(num_inference_steps, strength, self.order)
+            begin = img2img_begin(
+                num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+            )
         return self.run_class(self, timesteps[begin:], sigmas, begin, init_noise_sigma(self.config, sigmas))
 
 

@@ -76,9 +76,13 @@ class UniPCMultistepScheduler:
         self.config = cfg
         self.disable_corrector = frozenset(cfg["disable_corrector"])
 
-    def start(self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0) -> UniPCMultistepRun:
+    def start(
+        self, num_inference_steps: int, strength: float = 1.0, eta: float = 0.0, *, begin: int | None = None
+    ) -> UniPCMultistepRun:
         timesteps, sigmas = self._schedule(num_inference_steps)
-        begin = img2img_begin(num_inference_steps, strength, self.order)
+        begin = img2img_begin(
+            num_inference_steps, strength, self.order, begin=begin, length=len(timesteps), name=self.name
+        )
         return UniPCMultistepRun(self, timesteps[begin:], sigmas, begin)
 
     def _schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,358 @@
+"""Model families: one declarative description per family, read by everything that needs one.
+
+Export (which components, which torch wrapper, tensor names and symbolic shapes, fp16 policy),
+verification (sample inputs), TensorRT profiles (which batches double under guidance), the engine
+builders, the benchmark (FLOPs, the diffusers baseline class), the optimum-folder reader and the
+runtime pipeline (how to encode a prompt, which micro-conditioning the UNet takes) all read the
+:class:`Family` and :class:`ModelDims` recorded in the manifest. Adding a family is adding one entry
+to :data:`FAMILIES`.
+
+What varies *within* a family is read from the model's dimensions rather than multiplied into
+families: a 9-channel inpainting UNet (``unet_in_channels`` != ``latent_channels``), an LCM UNet
+with a guidance embedding (``time_cond_dim``), a tiny autoencoder (``vae_kind``). So SDXL
+inpainting or an LCM-distilled SD 2 need no new entry.
+
+Symbolic dimensions, named once here:
+
+    batch                         images in a call (the UNet sees the doubled guidance batch)
+    latent_height, latent_width   latent cells = pixels / vae_scale_factor
+    image_height, image_width     pixels
+
+Pure Python and NumPy: the runtime imports it; export adds the torch side (``sdrt.export.modules``
+maps each spec's ``wrapper`` name to a module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from sdrt.runtime.errors import ArtifactError, ExportError
+from sdrt.runtime.manifest import TensorSpec
+
+VAE_KINDS = ("kl", "tiny")  # AutoencoderKL (encoder gives a Gaussian's parameters), AutoencoderTiny (latents)
+TASKS = ("text-to-image", "image-to-image", "inpainting")
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The numbers of a model that decide every tensor shape; recorded in the manifest."""
+
+    text_length: int
+    text_hidden: tuple[int, ...]  # hidden size of each text encoder, in the family's order
+    vocab_size: int
+    latent_channels: int  # the VAE's latent channels
+    unet_in_channels: int  # = latent_channels, or 2 * latent_channels + 1 for an inpainting UNet
+    vae_scale_factor: int  # pixels per latent cell
+    unet_levels: int  # number of UNet down blocks; latents must divide by 2**(levels - 1)
+    cross_attention_dim: int
+    pooled_dim: int = 0  # SDXL: the pooled text projection the UNet takes as text_embeds
+    time_ids: int = 0  # SDXL: micro-conditioning values per image (6 base, 5 refiner)
+    time_cond_dim: int = 0  # LCM: the UNet's guidance-embedding width (time_cond_proj_dim)
+    vae_kind: str = "kl"
+    sample_size: int = 64  # the UNet's default latent size
+
+    def __post_init__(self):
+        if self.vae_kind not in VAE_KINDS:
+            raise ExportError(f"vae kind: expected one of {', '.join(VAE_KINDS)}, got {self.vae_kind!r}")
+        if self.unet_in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
+            raise ExportError(
+                f"UNet in_channels: expected {self.latent_channels} (the VAE's latent channels) or "
+                f"{2 * self.latent_channels + 1} (inpainting: latents + mask + masked-image latents), "
+                f"got {self.unet_in_channels}"
+            )
+
+    @property
+    def latent_multiple(self) -> int:
+        return 2 ** (self.unet_levels - 1)
+
+    @property
+    def spatial_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel UNet: latents, the mask and the masked image's latents, concatenated."""
+        return self.unet_in_channels != self.latent_channels
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["text_hidden"] = list(self.text_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelDims:
+        return cls(**{**d, "text_hidden": tuple(d["text_hidden"])})
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One graph: its tensors (symbolic shapes), how its batch relates to the image batch, and how
+    export builds it (``wrapper``: a module class in ``sdrt.export.modules``)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: str
+    ort_model_type: str  # onnxruntime's fusion model type (clip, unet, vae)
+    # How the batch of a call relates to the images asked for: "guidance" (UNet: unconditional and
+    # conditional rows when guided), "prompts" (text encoders: prompts and negative prompts in one
+    # call), "images" (VAE).
+    batch: str = "images"
+    sample_overrides: Callable[[dict, np.random.Generator], dict] | None = None
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*self.inputs, *self.outputs)
+        }
+
+    def input_shapes(self, values: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Each input's concrete shape at the given symbolic sizes."""
+        return {t.name: tuple(values[d] if isinstance(d, str) else d for d in t.shape) for t in self.inputs}
+
+    def sample(self, values: dict[str, int], rng: np.random.Generator, vocab_size: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs at the given symbolic sizes (for tracing and verification)."""
+        feed = random_inputs(self.inputs, values, rng, high=vocab_size)
+        if self.sample_overrides is not None:
+            feed.update(self.sample_overrides(feed, rng))
+        return feed
+
+
+@dataclass(frozen=True)
+class TextEncoderRole:
+    component: str  # text_encoder, text_encoder_2
+    tokenizer: str  # its tokenizer folder
+    hidden_output: str  # the output the UNet's conditioning takes: last_hidden_state or penultimate_hidden_state
+    pooled_output: str = ""  # the pooled output the UNet takes as text_embeds (SDXL's second encoder)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    pipelines: tuple[str, ...]  # diffusers pipeline classes (model_index.json _class_name) of this family
+    text_encoders: tuple[TextEncoderRole, ...]
+    # Micro-conditioning the UNet takes besides the prompt: "" (none), "sdxl" (original size, crop
+    # corner, target size) or "refiner" (original size, crop corner, aesthetic score).
+    micro_conditioning: str = ""
+    fp16_exceptions: dict[str, str] = field(default_factory=dict)  # component -> precision kept in fp16 exports
+    default_strength: float = 0.8  # image-to-image strength when none is given (diffusers' default)
+    default_guidance: float = 7.5  # guidance scale when none is given (diffusers' default)
+    # The diffusers pipeline class per task (the benchmark's baseline, the tests' reference).
+    diffusers_classes: dict[str, str] = field(default_factory=dict)
+
+    def components(self) -> tuple[str, ...]:
+        return (*(r.component for r in self.text_encoders), "unet", "vae_decoder", "vae_encoder")
+
+    def specs(self, dims: ModelDims) -> dict[str, ComponentSpec]:
+        specs = {role.component: _text_encoder_spec(role, dims, i) for i, role in enumerate(self.text_encoders)}
+        specs["unet"] = _unet_spec(dims)
+        specs.update(_vae_specs(dims))
+        return specs
+
+    def defaults(self, dims: ModelDims) -> dict:
+        """diffusers' defaults for this family's pipelines: steps and guidance scale (LCM: 4 steps at 8.5)."""
+        if dims.time_cond_dim:
+            return {"num_inference_steps": 4, "guidance_scale": 8.5}
+        return {"num_inference_steps": 50, "guidance_scale": self.default_guidance}
+
+    def diffusers_class(self, task: str, dims: ModelDims | None = None) -> str:
+        if dims is not None and dims.time_cond_dim and task == "text-to-image" and self.name == "sd1":
+            return "LatentConsistencyModelPipeline"
+        return self.diffusers_classes[task]
+
+
+SD_CLASSES = {
+    "text-to-image": "StableDiffusionPipeline",
+    "image-to-image": "StableDiffusionImg2ImgPipeline",
+    "inpainting": "StableDiffusionInpaintPipeline",
+}
+SDXL_CLASSES = {
+    "text-to-image": "StableDiffusionXLPipeline",
+    "image-to-image": "StableDiffusionXLImg2ImgPipeline",
+    "inpainting": "StableDiffusionXLInpaintPipeline",
+}
+_SD_PIPELINES = (*SD_CLASSES.values(), "LatentConsistencyModelPipeline")
+_CLIP = (TextEncoderRole("text_encoder", "tokenizer", "last_hidden_state"),)
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "sd1",
+            "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder)",
+            _SD_PIPELINES,
+            _CLIP,
+            diffusers_classes=SD_CLASSES,
+        ),
+        Family(
+            "sd2",
+            "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)",
+            _SD_PIPELINES,
+            _CLIP,
+            # SD 2.x was trained with attention upcast to fp32 (diffusers' upcast_attention): fp16 scores overflow.
+            fp16_exceptions={"unet": "fp16+fp32-attention"},
+            diffusers_classes=SD_CLASSES,
+        ),
+        Family(
+            "sdxl",
+            "Stable Diffusion XL base (two text encoders, size and crop conditioning)",
+            tuple(SDXL_CLASSES.values()),
+            (
+                TextEncoderRole("text_encoder", "tokenizer", "penultimate_hidden_state"),
+                TextEncoderRole("text_encoder_2", "tokenizer_2", "penultimate_hidden_state", "text_embeds"),
+            ),
+            micro_conditioning="sdxl",
+            default_guidance=5.0,
+            # SDXL's VAE overflows in fp16 (hence madebyollin's fp16-fix VAE): fp32 unless told otherwise.
+            fp16_exceptions={"vae_decoder": "fp32", "vae_encoder": "fp32"},
+            default_strength=0.3,
+            diffusers_classes=SDXL_CLASSES,
+        ),
+        Family(
+            "sdxl-refiner",
+            "Stable Diffusion XL refiner (second text encoder only, aesthetic-score conditioning)",
+            ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+            (TextEncoderRole("text_encoder_2", "tokenizer_2", "penultimate_hidden_state", "text_embeds"),),
+            micro_conditioning="refiner",
+            default_guidance=5.0,
+            fp16_exceptions={"vae_decoder": "fp32", "vae_encoder": "fp32"},
+            default_strength=0.3,
+            diffusers_classes={**SDXL_CLASSES, "text-to-image": "StableDiffusionXLImg2ImgPipeline"},
+        ),
+    )
+}
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ArtifactError(f"model family: expected one of {', '.join(FAMILIES)}, got {name!r}") from None
+
+
+def supported_pipelines() -> list[str]:
+    return sorted({p for f in FAMILIES.values() for p in f.pipelines})
+
+
+def detect(model_index: dict, unet_config: dict) -> Family:
+    """The family of a diffusers folder, from ``model_index.json`` and its component configs."""
+    kind = model_index.get("_class_name")
+    if kind not in supported_pipelines():
+        raise ExportError(f"model_index.json: expected a pipeline of {', '.join(supported_pipelines())}, got {kind!r}")
+    if kind.startswith("StableDiffusionXL"):
+        has_first_encoder = (model_index.get("text_encoder") or [None])[0] is not None
+        return FAMILIES["sdxl" if has_first_encoder else "sdxl-refiner"]
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise ExportError(
+            f"model_index.json: {kind} with an SDXL UNet (addition_embed_type text_time) is not supported"
+        )
+    return FAMILIES["sd2" if int(unet_config["cross_attention_dim"]) == 1024 else "sd1"]
+
+
+# -- tensor specs ---------------------------------------------------------------------------------
+def sizes(dims: ModelDims, batch: int, latent_height: int, latent_width: int) -> dict[str, int]:
+    """Values for every symbolic dimension, from a batch and a latent size."""
+    f = dims.vae_scale_factor
+    return {
+        "batch": batch,
+        "latent_height": latent_height,
+        "latent_width": latent_width,
+        "image_height": latent_height * f,
+        "image_width": latent_width * f,
+    }
+
+
+def random_inputs(specs, values: dict[str, int], rng: np.random.Generator, high: int = 0) -> dict[str, np.ndarray]:
+    feed = {}
+    for t in specs:
+        shape = tuple(values[d] if isinstance(d, str) else d for d in t.shape)
+        if t.dtype.startswith("int"):
+            feed[t.name] = rng.integers(0, high, size=shape, dtype=t.dtype)
+        else:
+            feed[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return feed
+
+
+def _text_encoder_spec(role: TextEncoderRole, dims: ModelDims, index: int) -> ComponentSpec:
+    n, h = dims.text_length, dims.text_hidden[index]
+    if role.hidden_output == "last_hidden_state":  # SD 1.x/2.x: the classic (and optimum's) pair of outputs
+        outputs = [
+            TensorSpec("last_hidden_state", "float32", ["batch", n, h]),
+            TensorSpec("pooler_output", "float32", ["batch", h]),
+        ]
+    else:
+        outputs = [TensorSpec(role.hidden_output, "float32", ["batch", n, h])]
+        if role.pooled_output:
+            outputs.append(TensorSpec(role.pooled_output, "float32", ["batch", dims.pooled_dim]))
+    return ComponentSpec(
+        role.component,
+        (TensorSpec("input_ids", "int64", ["batch", n]),),
+        tuple(outputs),
+        wrapper="TextEncoder",
+        ort_model_type="clip",
+        batch="prompts",
+    )
+
+
+def _unet_spec(dims: ModelDims) -> ComponentSpec:
+    latent_in = ["batch", dims.unet_in_channels, "latent_height", "latent_width"]
+    latent_out = ["batch", dims.latent_channels, "latent_height", "latent_width"]
+    inputs = [
+        TensorSpec("sample", "float32", latent_in),
+        TensorSpec("timestep", "float32", ["batch"]),
+        TensorSpec("encoder_hidden_states", "float32", ["batch", dims.text_length, dims.cross_attention_dim]),
+    ]
+    if dims.time_ids:
+        inputs += [
+            TensorSpec("text_embeds", "float32", ["batch", dims.pooled_dim]),
+            TensorSpec("time_ids", "float32", ["batch", dims.time_ids]),
+        ]
+    if dims.time_cond_dim:
+        inputs.append(TensorSpec("timestep_cond", "float32", ["batch", dims.time_cond_dim]))
+
+    def plausible(feed, rng):
+        out = {"timestep": rng.uniform(0, 999, size=feed["timestep"].shape).astype(np.float32)}
+        if "time_ids" in feed:  # sizes in pixels, crop corners, aesthetic scores
+            out["time_ids"] = rng.uniform(0, 1024, size=feed["time_ids"].shape).round().astype(np.float32)
+        return out
+
+    return ComponentSpec(
+        "unet",
+        tuple(inputs),
+        (TensorSpec("out_sample", "float32", latent_out),),
+        wrapper="UNet",
+        ort_model_type="unet",
+        batch="guidance",
+        sample_overrides=plausible,
+    )
+
+
+def _vae_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
+    c = dims.latent_channels
+    latent = ["batch", c, "latent_height", "latent_width"]
+    image = ["batch", 3, "image_height", "image_width"]
+    if dims.vae_kind == "kl":  # the Gaussian's mean and log-variance: the runtime samples with its own generator
+        encoded = TensorSpec("latent_parameters", "float32", ["batch", 2 * c, "latent_height", "latent_width"])
+    else:  # AutoencoderTiny encodes to latents directly
+        encoded = TensorSpec("latent", "float32", latent)
+    return {
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latent", "float32", latent),),
+            (TensorSpec("image", "float32", image),),
+            wrapper="VaeDecoder",
+            ort_model_type="vae",
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("image", "float32", image),),
+            (encoded,),
+            wrapper="VaeEncoder",
+            ort_model_type="vae",
+        ),
+    }
