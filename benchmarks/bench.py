@@ -514,6 +514,7 @@ def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker],
     for b in baselines:
         backend = "pytorch" if b.name == "diffusers" else "onnxruntime"
         fields = {"backend": backend, "precision": "fp32", "compute_precision": "fp32", "graph_precision": "fp32"}
+        fields["pipeline"] = b.hello.get("pipeline")  # the diffusers class (optimum's worker names none)
         rows.append(_row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": _cpu_device()})
     return rows
 

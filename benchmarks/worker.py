@@ -133,7 +133,7 @@ class DiffusersRunner:
         self.pipe.vae.decode = timed_decode
 
     def hello(self) -> dict:
-        return {}
+        return {"pipeline": type(self.pipe).__name__}
 
     def _pre(self, name):
         def hook(module, args):

@@ -214,3 +214,29 @@ def test_table_and_chart_from_hand_written_rows(tmp_path):
     )
     assert "NVIDIA L4 · sdrt/tensorrt · fp16" in markdown_table([row])
     assert chart([row, row], tmp_path / "c.png") == 8
+
+
+def test_sdxl_bench_runs_beside_the_diffusers_sdxl_pipeline(family_artifacts, tmp_path):
+    """The benchmark on the tiny SDXL model: its baseline is diffusers' StableDiffusionXLPipeline (the class the
+    model folder names), and the UNet FLOPs count the SDXL inputs."""
+    artifacts = family_artifacts("tiny-sdxl")
+    config = BenchConfig(
+        artifacts=artifacts,
+        backends=("onnxruntime",),
+        precisions=("fp32",),
+        baseline=True,
+        sizes=((64, 64),),
+        steps=(2,),
+        runs=1,
+        warmups=1,
+        threads=2,
+        results_dir=tmp_path,
+        matmul_size=256,
+        matmul_budget_s=0.05,
+    )
+    rows = run_benchmark(config, progress=lambda line: None)
+    assert [(r["implementation"], r["backend"]) for r in rows] == [("sdrt", "onnxruntime"), ("diffusers", "pytorch")]
+    assert all(r["model"]["family"] == "sdxl" and r["unet_flops_per_call"] > 0 for r in rows)
+    sdrt, diffusers = rows
+    assert sdrt["metrics"]["unet_step_ms"]["median"] > 0 and diffusers["metrics"]["unet_step_ms"]["median"] > 0
+    assert diffusers["pipeline"] == "StableDiffusionXLPipeline"

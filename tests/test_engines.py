@@ -320,3 +320,29 @@ def test_onnxruntime_tensorrt_provider_gets_the_same_profiles(tiny_artifacts):
     assert options["trt_profile_max_shapes"] == f"encoder_hidden_states:8x{n}x{d},sample:8x4x96x128,timestep:8"
     assert options["trt_engine_cache_enable"] == "True" and options["trt_timing_cache_enable"] == "True"
     assert options["trt_engine_cache_path"] == str(tiny_artifacts / "engines" / "onnxruntime-tensorrt")
+
+
+def test_sdxl_profiles_cover_the_extra_unet_inputs_and_both_text_encoders(family_artifacts):
+    """`sdrt engines` on SDXL prints a profile for text_embeds and time_ids (doubled batch like the UNet's
+    sample), and for both text encoders; the refiner's time ids have 5 values."""
+    sdxl = family_artifacts("tiny-sdxl")
+    run = subprocess.run(
+        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(sdxl), "--batch", "1:2:4", "--no-cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    m = Manifest.load(sdxl)
+    pooled, n = m.model_dims.pooled_dim, m.text_length
+    for expected in (
+        f"  unet          text_embeds            min (1, {pooled})  opt (4, {pooled})  max (8, {pooled})",
+        "  unet          time_ids               min (1, 6)  opt (4, 6)  max (8, 6)",
+        f"  text_encoder  input_ids              min (1, {n})  opt (4, {n})  max (8, {n})",
+        f"  text_encoder_2 input_ids              min (1, {n})  opt (4, {n})  max (8, {n})",
+    ):
+        assert expected in lines, f"{expected!r} not in:\n{run.stdout}"
+    refiner = Manifest.load(family_artifacts("tiny-sdxl-refiner"))
+    profile = input_profile(refiner.components["unet"], refiner, RANGES)
+    assert profile["time_ids"] == ((1, 5), (2 * RANGES.batch.opt, 5), (2 * RANGES.batch.max, 5))
+    assert "text_encoder" not in refiner.components and "text_encoder_2" in refiner.components
