@@ -23,6 +23,9 @@ endif
 PRECISION ?= fp32
 ARTIFACTS ?= artifacts/$(NAME)$(if $(filter fp32,$(PRECISION)),,-$(PRECISION))
 EXPORT_ARGS ?=
+# A VAE folder exported in place of the model's own, e.g. a tiny autoencoder (make taesd: TAESD's
+# architecture with random weights): make engines MODEL=models/sd15-random VAE=models/taesd NAME=sd15-taesd
+VAE ?=
 QUANTIZE_ARGS ?=
 EXPORT_PRECISION := $(if $(filter int8,$(PRECISION)),fp32,$(PRECISION))
 EXPORT_OUT := $(if $(filter int8,$(PRECISION)),artifacts/$(NAME),$(ARTIFACTS))
@@ -46,7 +49,7 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate bench bench-report test test-slow test-gpu typecheck lint clean distclean venv sd15-random FORCE
+.PHONY: engines generate bench bench-report test test-slow test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE
 
 venv: $(VENV)/.installed
 
@@ -70,11 +73,16 @@ sd15-random: models/sd15-random/$(MARKER)
 models/sd15-random/$(MARKER): $(VENV)/.installed FORCE
 	@$(SDRT) random-model --preset sd15 --out $(@D)
 
+# TAESD's architecture with random weights, to stand in for a model's VAE (sdrt export --vae).
+taesd: models/taesd/$(MARKER)
+models/taesd/$(MARKER): $(VENV)/.installed FORCE
+	@$(SDRT) random-model --preset taesd --out $(@D)
+
 # Export (and quantize) always ask sdrt, which compares content hashes and does nothing when inputs are
 # unchanged; `sdrt engines` builds this machine's onnxruntime CPU engines (and TensorRT engines on NVIDIA
 # machines) only where missing or stale; the sample image is remade only when the manifest changed.
 engines: $(VENV)/.installed $(if $(MODEL),,models/tiny-sd/$(MARKER))
-	$(SDRT) export --model $(SOURCE) --out $(EXPORT_OUT) --precision $(EXPORT_PRECISION) $(EXPORT_ARGS)
+	$(SDRT) export --model $(SOURCE) --out $(EXPORT_OUT) --precision $(EXPORT_PRECISION) $(if $(VAE),--vae $(VAE)) $(EXPORT_ARGS)
 	$(if $(filter int8,$(PRECISION)),$(SDRT) quantize --artifacts $(EXPORT_OUT) --out $(ARTIFACTS) $(QUANTIZE_ARGS))
 	$(SDRT) engines --artifacts $(ARTIFACTS) --batch $(TRT_BATCH) --height $(TRT_HEIGHT) --width $(TRT_WIDTH) \
 	  --precision $(TRT_PRECISION) $(ENGINE_ARGS)

@@ -33,6 +33,9 @@ real architectures with random weights. Each preset is written by the diffusers 
           4 latent channels) that stands in for the VAE of ``tiny`` and of ``tiny-sdxl`` alike, as
           TAESD and TAESDXL do.
 
+``taesd``  TAESD's published ``AutoencoderTiny`` architecture (64-channel stages), for full-size
+          measurements beside ``sd15``: ``sdrt export --model models/sd15-random --vae models/taesd``.
+
 All CLIP tokenizers are CLIP's real BPE tokenizer in the classic ``vocab.json`` + ``merges.txt``
 layout, and all CLIP text encoders have the classic ``text_model.`` key layout.
 """
@@ -290,6 +293,27 @@ PRESETS: dict[str, Preset] = {
         },
     ),
 }
+
+
+# TAESD's published architecture (diffusers' AutoencoderTiny defaults, as madebyollin/taesd ships it):
+# four 64-channel stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks, ~2.4 M parameters.
+PRESETS["taesd"] = Preset(
+    None,
+    {
+        "vae": Part(
+            "AutoencoderTiny",
+            dict(
+                in_channels=3,
+                out_channels=3,
+                encoder_block_out_channels=(64, 64, 64, 64),
+                decoder_block_out_channels=(64, 64, 64, 64),
+                num_encoder_blocks=(1, 3, 3, 3),
+                num_decoder_blocks=(3, 3, 3, 1),
+                latent_channels=4,
+            ),
+        )
+    },
+)
 
 
 def _preset(preset: str) -> Preset:

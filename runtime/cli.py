@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from sdrt.runtime import schedulers
 from sdrt.runtime.backends import BACKEND_NAMES, COMPUTE_PRECISIONS
-from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.errors import ArtifactError, InputError, SdrtError
 
 log = logging.getLogger("sdrt")
 
@@ -21,23 +22,98 @@ EXTRA_MODULES = {m: "export" for m in ("torch", "diffusers", "transformers", "on
 EXTRA_MODULES |= {"matplotlib": "bench"}
 
 
+GENERATE_DESCRIPTION = """\
+Generate images from a prompt with an artifact directory built by `sdrt export` (or an optimum
+ONNX export). The task follows from the options:
+
+  text-to-image   --prompt alone.
+  image-to-image  --image PATH: the image is encoded, noised to --strength and denoised toward the
+                  prompt; only the last strength x steps run. The output keeps the image's size
+                  unless --height/--width are given (the image is then resized); either way it
+                  must be a multiple of the model's spatial multiple, which an error names.
+  inpainting      --image PATH --mask PATH: repaints where the mask is white, keeps where it is
+                  black. An inpainting model (9-channel UNet) sees the mask; an ordinary SD 1.x/2.x
+                  model re-imposes the kept region at every step. Image and mask are resized to
+                  --height/--width (default: the model's size).
+  SDXL refiner    --refiner ARTIFACTS (ensemble of experts): the base (--artifacts) runs the first
+                  --high-noise-frac of the schedule and hands its latents to the refiner, which runs
+                  the rest with the same prompt, steps, guidance and seed and writes the images.
+
+--steps and --guidance-scale default to diffusers' values for the model family: 50 steps at
+guidance 7.5 (SDXL 5.0), LCM models 4 steps at 8.5. Guidance applies above 1; distilled models
+such as SD-Turbo run one to four steps without it (--guidance-scale 0)."""
+
+GENERATE_EPILOG = """\
+examples:
+  text to image:
+    sdrt generate --artifacts artifacts/tiny-sd --prompt "a lighthouse at dusk" --seed 0 --out out.png
+  image to image (keep more of the image with a lower --strength):
+    sdrt generate --artifacts artifacts/tiny-sd --prompt "a lighthouse at dusk" --image in.png --strength 0.6
+  inpainting (white mask pixels are repainted):
+    sdrt generate --artifacts artifacts/tiny-sd-inpaint --prompt "a red door" --image in.png --mask mask.png
+  SDXL base + refiner (base runs 80% of the 40 steps, the refiner the last 20%):
+    sdrt generate --artifacts artifacts/tiny-sdxl --refiner artifacts/tiny-sdxl-refiner --prompt "a lighthouse" \\
+        --steps 40 --high-noise-frac 0.8
+  LCM and SD-Turbo, a few steps:
+    sdrt generate --artifacts artifacts/tiny-lcm --prompt "a lighthouse" --steps 4
+    sdrt generate --artifacts artifacts/tiny-sd-turbo --prompt "a lighthouse" --steps 1 --guidance-scale 0"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, except None and False (the help text says what omitting the option does);
+    the description and the examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
-        help="text to image with exported artifacts (no torch)",
-        description="Generate images from a prompt with an artifact directory built by `sdrt export`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="text to image, image to image, inpainting, SDXL base + refiner with exported artifacts (no torch)",
+        description=GENERATE_DESCRIPTION,
+        epilog=GENERATE_EPILOG,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--artifacts", type=Path, required=True, help="artifact directory (holds manifest.json)")
     p.add_argument("--prompt", required=True, action="append", help="text prompt; repeat for a batch of prompts")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (empty when omitted)")
     p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path; several images get -0, -1, ...")
-    p.add_argument("--height", type=int, default=None, help="pixels; the model's default when omitted")
-    p.add_argument("--width", type=int, default=None, help="pixels; the model's default when omitted")
-    p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="pixels; when omitted: the --image's height for image-to-image, else the model's default",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="pixels; when omitted: the --image's width for image-to-image, else the model's default",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="number of denoising steps (default: the model family's: 50; LCM 4). With --image only the last "
+        "strength x steps run",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance; <= 1 disables it (default: the model family's: 7.5; SDXL 5.0; LCM 8.5, "
+        "which LCM takes as an embedding, not as a second UNet row)",
+    )
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=None, help="random seed for the initial latents (random when omitted)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed of every draw (initial noise, image encoding, sampler noise); random when omitted",
+    )
     p.add_argument(
         "--rng",
         default="torch",
@@ -51,10 +127,102 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="override the model's scheduler, keeping its betas and prediction type: "
         + ", ".join(sorted(schedulers.ALIASES))
-        + " (or a diffusers class name such as EulerDiscreteScheduler); default: the model's own",
+        + " (or a diffusers class name such as EulerDiscreteScheduler); default: the model's own "
+        "(with --refiner: applies to both models)",
     )
-    p.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="inference backend")
-    p.add_argument(
+
+    task = p.add_argument_group("image to image and inpainting")
+    task.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="an image file to start from: image-to-image, or inpainting with --mask",
+    )
+    task.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="inpainting mask (needs --image): white = repaint, black = keep; read as grayscale, split at 50%%",
+    )
+    task.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        metavar="F",
+        help="how far the --image is noised, 0 < F <= 1: 1 replaces it, lower keeps more of it "
+        "(default: the family's for image-to-image, 0.8; SDXL 0.3; 1 for inpainting)",
+    )
+
+    xl = p.add_argument_group("SDXL: base + refiner, and micro-conditioning")
+    xl.add_argument(
+        "--refiner",
+        type=Path,
+        default=None,
+        metavar="ARTIFACTS",
+        help="artifacts of an SDXL refiner: the base (--artifacts) denoises the first --high-noise-frac of the "
+        "schedule and returns latents, the refiner continues from them (same prompt, steps, guidance and "
+        "seed) and writes the images",
+    )
+    xl.add_argument(
+        "--high-noise-frac",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --refiner: the fraction of the schedule the base runs, 0 < F < 1 (default 0.8)",
+    )
+    xl.add_argument(
+        "--denoising-end",
+        type=float,
+        default=None,
+        metavar="F",
+        help="stop denoising at this fraction of the schedule, 0 < F < 1, and decode what is there "
+        "(without --refiner; with it, use --high-noise-frac)",
+    )
+    xl.add_argument(
+        "--original-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="SDXL micro-conditioning: the size the image is said to have been before cropping "
+        "(default: the output size)",
+    )
+    xl.add_argument(
+        "--crop-top-left",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("TOP", "LEFT"),
+        help="SDXL micro-conditioning: the crop's top-left corner in pixels (default 0 0: uncropped)",
+    )
+    xl.add_argument(
+        "--target-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="SDXL base micro-conditioning: the intended output size (default: the output size)",
+    )
+    xl.add_argument(
+        "--aesthetic-score",
+        type=float,
+        default=None,
+        metavar="F",
+        help="SDXL refiner micro-conditioning: the aesthetic score to steer toward (default 6.0)",
+    )
+    xl.add_argument(
+        "--negative-aesthetic-score",
+        type=float,
+        default=None,
+        metavar="F",
+        help="SDXL refiner micro-conditioning: the score of the unconditional (negative) rows (default 2.5)",
+    )
+
+    run = p.add_argument_group("backend")
+    run.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="inference backend")
+    run.add_argument(
         "--precision",
         default="fp32",
         choices=COMPUTE_PRECISIONS,
@@ -62,63 +230,199 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         "bf16 lowers fp32 compute on CPUs with AVX-512 BF16 or AMX (backend openvino). A precision the "
         "backend or CPU lacks is an error, never a silent change",
     )
-    p.add_argument(
+    run.add_argument(
         "--no-cache",
         action="store_true",
         help="neither use nor fill the per-machine compiled-graph caches under the artifacts' engines/ folder",
     )
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per session (0: onnxruntime's default)")
-    p.add_argument(
+    run.add_argument("--threads", type=int, default=0, help="CPU threads per session (0: onnxruntime's default)")
+    run.add_argument(
         "--cuda-graph",
         action="store_true",
         help="tensorrt backend with static-shape engines: capture the UNet's launch once as a CUDA graph and replay it",
     )
-    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the artifacts at load time")
+    run.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the artifacts at load time")
     p.set_defaults(func=_generate)
+
+
+# Micro-conditioning options: the Pipeline argument each sets, and the model families' kinds of
+# micro-conditioning (sdrt.runtime.families.Family.micro_conditioning) that take it.
+MICRO_OPTIONS = {
+    "original_size": ("original_size", ("sdxl", "refiner")),
+    "crop_top_left": ("crops_coords_top_left", ("sdxl", "refiner")),
+    "target_size": ("target_size", ("sdxl",)),
+    "aesthetic_score": ("aesthetic_score", ("refiner",)),
+    "negative_aesthetic_score": ("negative_aesthetic_score", ("refiner",)),
+}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """What the command line alone shows to be wrong, said in its options' names before any model loads."""
+    if args.mask is not None and args.image is None:
+        raise InputError(
+            f"--mask: inpainting repaints an image, expected --image PATH with --mask, got only --mask {args.mask}"
+        )
+    for name in ("image", "mask"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise InputError(f"--{name}: expected an image file, got {str(path)!r}, which {what}")
+    if args.strength is not None and args.image is None:
+        raise InputError(
+            f"--strength: applies to image-to-image and inpainting, expected --image PATH, got --strength "
+            f"{args.strength} alone"
+        )
+    if args.refiner is None:
+        if args.high_noise_frac is not None:
+            raise InputError(
+                "--high-noise-frac: splits the schedule between a base and its refiner, expected --refiner "
+                "ARTIFACTS with it (or --denoising-end to stop one model early)"
+            )
+    elif args.denoising_end is not None:
+        raise InputError(
+            "--denoising-end: with --refiner the base's share of the schedule is --high-noise-frac, "
+            f"got --denoising-end {args.denoising_end}"
+        )
+    for name in ("high_noise_frac", "denoising_end"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 < value < 1.0:
+            raise InputError(f"{_option(name)}: expected a fraction strictly between 0 and 1, got {value}")
+
+
+def _check_micro_options(args: argparse.Namespace, families: list) -> None:
+    """Refuse a micro-conditioning option that none of the models takes, rather than ignore it."""
+    kinds = {f.micro_conditioning for f in families}
+    names = " and ".join(f.name for f in families)
+    for dest, (_, takers) in MICRO_OPTIONS.items():
+        if getattr(args, dest) is not None and not kinds.intersection(takers):
+            which = " or ".join({"sdxl": "an SDXL base", "refiner": "an SDXL refiner"}[k] for k in takers)
+            raise InputError(
+                f"{_option(dest)}: micro-conditioning of {which}, expected such a model, got {names} artifacts"
+            )
+
+
+@dataclass
+class _Stage:
+    """One model's run, for the summary line."""
+
+    label: str  # "" for a single model; "base", "refiner"
+    pipe: object  # the (closed) Pipeline: its sessions, load timings and graph precisions
+    result: object  # its GenerationResult
+    load_s: float
+    encoded_image: bool  # whether it encoded an --image (prepare_latents then holds the VAE encoder)
+
+    def timings(self) -> str:
+        t, loads = self.result.timings, self.pipe.load_timings
+        parts = [f"text {t['text_encoder'] * 1e3:.0f} ms"]
+        if self.encoded_image:
+            parts.append(f"image encode {t['prepare_latents'] * 1e3:.0f} ms")
+        parts.append(f"denoise {t['denoise']:.2f} s")
+        if "vae_decoder" in t:  # absent when the stage returned latents
+            parts.append(f"vae {t['vae_decoder'] * 1e3:.0f} ms")
+        parts.append(f"load {self.load_s:.2f} s: " + ", ".join(f"{n} {loads[n]:.2f}" for n in self.pipe.sessions))
+        return self._labelled(", ".join(parts))
+
+    def graphs(self) -> str:
+        precisions = self.pipe.graph_precisions()
+        return self._labelled(", ".join(f"{n} {precisions[n]}" for n in self.pipe.sessions))
+
+    def _labelled(self, text: str) -> str:
+        return f"{self.label}: {text}" if self.label else text
 
 
 def _generate(args: argparse.Namespace) -> int:
     import time
 
+    from sdrt.runtime.manifest import Manifest
     from sdrt.runtime.pipeline import Pipeline
     from sdrt.runtime.progress import StepProgress
 
-    t0 = time.perf_counter()
-    with Pipeline.load(
-        args.artifacts,
+    _check_generate_args(args)
+    refiner_family = None
+    if args.refiner is not None:  # a wrong refiner path fails before the base runs, not after
+        try:
+            refiner_family = Manifest.load(args.refiner, verify_hashes=False).model_family
+        except ArtifactError as e:
+            raise ArtifactError(f"--refiner: {e}") from e
+    load = dict(
         backend=args.backend,
         verify_hashes=not args.no_verify,
         threads=args.threads,
         cuda_graph=args.cuda_graph,
         precision=args.precision,
         cache=not args.no_cache,
-    ) as pipe:
+    )
+    call = dict(  # what the base and the refiner share
+        prompt=args.prompt if len(args.prompt) > 1 else args.prompt[0],
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        num_images_per_prompt=args.num_images,
+        scheduler=args.scheduler,
+        rng=args.rng,
+    )
+    for dest, (argument, _) in MICRO_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            call[argument] = tuple(value) if isinstance(value, list) else value
+    handoff = None
+    if args.refiner is not None:
+        handoff = 0.8 if args.high_noise_frac is None else args.high_noise_frac
+    stages: list[_Stage] = []
+
+    t0 = time.perf_counter()
+    with Pipeline.load(args.artifacts, **load) as pipe:
         load_s = time.perf_counter() - t0
-        loads = pipe.load_timings
-        graphs = pipe.graph_precisions()
+        _check_micro_options(args, [pipe.family] + ([refiner_family] if refiner_family else []))
+        defaults = pipe.family.defaults(pipe.dims)
+        steps = defaults["num_inference_steps"] if args.steps is None else args.steps
+        guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         result = pipe(
-            prompt=args.prompt if len(args.prompt) > 1 else args.prompt[0],
-            negative_prompt=args.negative_prompt,
+            **call,
+            image=args.image,
+            mask_image=args.mask,
+            strength=args.strength,
             height=args.height,
             width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            num_images_per_prompt=args.num_images,
             seed=args.seed,
-            scheduler=args.scheduler,
-            rng=args.rng,
-            callback=StepProgress(),
+            denoising_end=args.denoising_end if handoff is None else handoff,
+            output_type="uint8" if handoff is None else "latent",
+            callback=StepProgress("denoising" if handoff is None else "base"),
         )
+        stages.append(_Stage("" if handoff is None else "base", pipe, result, load_s, args.image is not None))
+    task = "text-to-image" if args.image is None else "image-to-image" if args.mask is None else "inpainting"
+    if args.image is not None:
+        default = pipe.family.default_strength if args.mask is None else 1.0
+        task += f" at strength {default if args.strength is None else args.strength:g}"
+    if handoff is not None:  # SDXL's ensemble of experts: the refiner continues from the base's latents
+        t0 = time.perf_counter()
+        with Pipeline.load(args.refiner, **load) as refiner:
+            load_s = time.perf_counter() - t0
+            result = refiner(
+                **call,
+                image=result.latents,
+                seed=result.seed,
+                denoising_start=handoff,
+                callback=StepProgress("refiner"),
+            )
+            stages.append(_Stage("refiner", refiner, result, load_s, False))
+        task += f", base + refiner split at {handoff:g}"
+    elif args.denoising_end is not None:
+        task += f", stopped at {args.denoising_end:g} of the schedule"
+
     paths = result.save(args.out)
-    t = result.timings
     n, h, w = result.images.shape[:3]
+    seconds = sum(stage.result.timings["total"] for stage in stages)
     print(
-        f"wrote {', '.join(map(str, paths))}: {n} image(s) {w}x{h}, seed {result.seed}, {args.steps} steps in "
-        f"{t['total']:.2f} s (text {t['text_encoder'] * 1e3:.0f} ms, denoise {t['denoise']:.2f} s, "
-        f"vae {t['vae_decoder'] * 1e3:.0f} ms; load {load_s:.2f} s: "
-        + ", ".join(f"{name} {loads[name]:.2f}" for name in pipe.sessions)
+        f"wrote {', '.join(map(str, paths))}: {n} image(s) {w}x{h}, {task}, seed {result.seed}, "
+        f"guidance {guidance:g}, {steps} steps in {seconds:.2f} s ("
+        + "; ".join(stage.timings() for stage in stages)
         + f"); {args.backend}, compute {args.precision}, graphs "
-        + ", ".join(f"{name} {graphs[name]}" for name in pipe.sessions)
+        + "; ".join(stage.graphs() for stage in stages)
     )
     return 0
 

@@ -142,6 +142,8 @@ class Family:
     fp16_exceptions: dict[str, str] = field(default_factory=dict)  # component -> precision kept in fp16 exports
     default_strength: float = 0.8  # image-to-image strength when none is given (diffusers' default)
     default_guidance: float = 7.5  # guidance scale when none is given (diffusers' default)
+    inpainting_strength: float = 1.0  # inpainting's strength when none is given (diffusers' default)
+    inpainting_guidance: float = 7.5  # (SDXL's inpainting pipeline defaults to 7.5, its others to 5.0)
     # The diffusers pipeline class per task (the benchmark's baseline, the tests' reference).
     diffusers_classes: dict[str, str] = field(default_factory=dict)
 
@@ -154,16 +156,12 @@ class Family:
         specs.update(_vae_specs(dims))
         return specs
 
-    def defaults(self, dims: ModelDims) -> dict:
-        """diffusers' defaults for this family's pipelines: steps and guidance scale (LCM: 4 steps at 8.5)."""
+    def defaults(self, dims: ModelDims, task: str = "text-to-image") -> dict:
+        """diffusers' defaults for this family's pipeline of ``task``: steps and guidance scale (LCM: 4 steps at 8.5)."""
         if dims.time_cond_dim:
             return {"num_inference_steps": 4, "guidance_scale": 8.5}
-        return {"num_inference_steps": 50, "guidance_scale": self.default_guidance}
-
-    def diffusers_class(self, task: str, dims: ModelDims | None = None) -> str:
-        if dims is not None and dims.time_cond_dim and task == "text-to-image" and self.name == "sd1":
-            return "LatentConsistencyModelPipeline"
-        return self.diffusers_classes[task]
+        guidance = self.inpainting_guidance if task == "inpainting" else self.default_guidance
+        return {"num_inference_steps": 50, "guidance_scale": guidance}
 
 
 SD_CLASSES = {
@@ -208,6 +206,7 @@ FAMILIES: dict[str, Family] = {
             ),
             micro_conditioning="sdxl",
             default_guidance=5.0,
+            inpainting_strength=0.9999,
             # SDXL's VAE overflows in fp16 (hence madebyollin's fp16-fix VAE): fp32 unless told otherwise.
             fp16_exceptions={"vae_decoder": "fp32", "vae_encoder": "fp32"},
             default_strength=0.3,
@@ -216,13 +215,13 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sdxl-refiner",
             "Stable Diffusion XL refiner (second text encoder only, aesthetic-score conditioning)",
-            ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+            ("StableDiffusionXLImg2ImgPipeline",),
             (TextEncoderRole("text_encoder_2", "tokenizer_2", "penultimate_hidden_state", "text_embeds"),),
             micro_conditioning="refiner",
             default_guidance=5.0,
             fp16_exceptions={"vae_decoder": "fp32", "vae_encoder": "fp32"},
             default_strength=0.3,
-            diffusers_classes={**SDXL_CLASSES, "text-to-image": "StableDiffusionXLImg2ImgPipeline"},
+            diffusers_classes={"image-to-image": "StableDiffusionXLImg2ImgPipeline"},
         ),
     )
 }
@@ -233,6 +232,10 @@ def get(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ArtifactError(f"model family: expected one of {', '.join(FAMILIES)}, got {name!r}") from None
+
+
+def inpainting_families() -> list[str]:
+    return [f.name for f in FAMILIES.values() if "inpainting" in f.diffusers_classes]
 
 
 def supported_pipelines() -> list[str]:

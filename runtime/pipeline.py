@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import backends, conditioning, schedulers
+from sdrt.runtime import backends, conditioning, families, schedulers
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
@@ -257,7 +257,8 @@ class Pipeline:
         ``output_type="latent"`` returns latents instead of images. SDXL's micro-conditioning:
         ``original_size``, ``crops_coords_top_left``, ``target_size`` (default: the output size) and, for
         the refiner, ``aesthetic_score`` / ``negative_aesthetic_score``. ``num_inference_steps`` and
-        ``guidance_scale`` default to diffusers' for the family (50 steps; guidance 7.5, SDXL 5.0; LCM 4 steps
+        ``guidance_scale`` default to diffusers' for the family and task (50 steps; guidance 7.5, SDXL 5.0 but 7.5 for
+        inpainting; LCM 4 steps
         at 8.5); guidance applies above 1.0.
 
         ``seed`` drives every random draw. With ``rng="torch"`` (default) the stream equals
@@ -267,7 +268,7 @@ class Pipeline:
         """
         t_start = time.perf_counter()
         timings: dict = {}
-        defaults = self.family.defaults(self.dims)
+        defaults = self.family.defaults(self.dims, _task(image, mask_image))
         num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         if output_type not in OUTPUT_TYPES:
@@ -327,7 +328,7 @@ class Pipeline:
             raise InputError(
                 f"denoising_start: expected less than denoising_end ({denoising_end}), got {denoising_start}"
             )
-        task = "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
+        task = _task(image, mask_image)
         if mask_image is not None and image is None:
             raise InputError("mask_image: inpainting needs the image to repaint too (image=...), got only the mask")
         if task == "text-to-image" and self.family.micro_conditioning == "refiner":
@@ -339,15 +340,18 @@ class Pipeline:
             raise InputError(
                 "mask_image: this model's UNet is an inpainting UNet (9 input channels); give image= and mask_image="
             )
-        if task == "inpainting" and self.family.micro_conditioning:
-            raise InputError(f"mask_image: inpainting is supported for SD 1.x/2.x models, not {self.family.name}")
+        if task == "inpainting" and "inpainting" not in self.family.diffusers_classes:
+            raise InputError(
+                f"mask_image: inpainting is supported for {', '.join(families.inpainting_families())} models, "
+                f"not {self.family.name}"
+            )
         if task != "text-to-image" and "vae_encoder" not in self.sessions:
             raise InputError(f"image: {task} needs the VAE encoder, which these artifacts were exported without")
         if denoising_start is not None and task == "text-to-image":
             raise InputError("denoising_start: expected with image= (the latents to continue from), got no image")
 
         if task == "inpainting":
-            strength = 1.0 if strength is None else strength
+            strength = self.family.inpainting_strength if strength is None else strength
         elif task == "image-to-image":
             strength = self.family.default_strength if strength is None else strength
         elif strength is not None:
@@ -581,6 +585,10 @@ class Pipeline:
         scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
         image = self.sessions["vae_decoder"].run({"latent": scaled})["image"]
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def _task(image, mask_image) -> str:
+    return "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
 
 
 def _pair(value, name: str) -> tuple[int, int]:

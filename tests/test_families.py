@@ -162,6 +162,16 @@ def test_inpainting_with_an_ordinary_unet_blends_the_known_region(runtime_pipeli
     assert_close(ours, as_uint8(ref))
 
 
+def test_sdxl_inpainting_with_the_base_unet(sdxl, sdxl_reference):
+    """SDXL's inpainting pipeline on a 4-channel base UNet (blend mode), at its default strength 0.9999."""
+    ref_pipe = diffusers.StableDiffusionXLInpaintPipeline(**sdxl_reference.components)
+    ref_pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a cat on a bench", num_inference_steps=5, height=64, width=64)
+    ours = sdxl(image=test_image(), mask_image=test_mask(), seed=12, **args).images
+    ref = ref_pipe(image=test_image(), mask_image=test_mask(), generator=generator(12), output_type="np", **args).images
+    assert_close(ours, as_uint8(ref))
+
+
 # -- few-step models -------------------------------------------------------------------------------
 def with_scheduler(artifacts, tmp_path, config: dict):
     """The artifacts with another scheduler config, as a Turbo model ships its own: files hard-linked."""
