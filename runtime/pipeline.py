@@ -257,9 +257,8 @@ class Pipeline:
         ``output_type="latent"`` returns latents instead of images. SDXL's micro-conditioning:
         ``original_size``, ``crops_coords_top_left``, ``target_size`` (default: the output size) and, for
         the refiner, ``aesthetic_score`` / ``negative_aesthetic_score``. ``num_inference_steps`` and
-        ``guidance_scale`` default to diffusers' for the family and task (50 steps; guidance 7.5, SDXL 5.0 but 7.5 for
-        inpainting; LCM 4 steps
-        at 8.5); guidance applies above 1.0.
+        ``guidance_scale`` default to diffusers' for the family and task (50 steps; guidance 7.5,
+        SDXL 5.0 but 7.5 for inpainting; LCM 4 steps at 8.5); guidance applies above 1.0.
 
         ``seed`` drives every random draw. With ``rng="torch"`` (default) the stream equals
         ``torch.Generator("cpu").manual_seed(seed)``, so the same seed gives diffusers' image; ``rng="numpy"``

@@ -1,0 +1,86 @@
+"""The family registry on its own (no models): detection from model_index.json, and the tensor contract
+each family's description derives from the model's dimensions."""
+
+import pytest
+
+from sdrt.runtime import families
+from sdrt.runtime.errors import ExportError
+from sdrt.runtime.families import FAMILIES, ModelDims
+
+SD_UNET = {"cross_attention_dim": 768, "in_channels": 4}
+
+
+def dims(**overrides) -> ModelDims:
+    base = dict(text_length=77, text_hidden=(768,), vocab_size=49408, latent_channels=4, unet_in_channels=4,
+                vae_scale_factor=8, unet_levels=4, cross_attention_dim=768)  # fmt: skip
+    return ModelDims(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("index", "unet", "family"),
+    [
+        ({"_class_name": "StableDiffusionPipeline"}, SD_UNET, "sd1"),
+        ({"_class_name": "StableDiffusionInpaintPipeline"}, {**SD_UNET, "in_channels": 9}, "sd1"),
+        ({"_class_name": "LatentConsistencyModelPipeline"}, SD_UNET, "sd1"),
+        ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 1024}, "sd2"),
+        ({"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}, {}, "sdxl"),
+        ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}, {}, "sdxl-refiner"),
+    ],
+)
+def test_detection(index, unet, family):
+    assert families.detect(index, unet).name == family
+
+
+def test_an_unsupported_pipeline_names_the_supported_ones():
+    with pytest.raises(
+        ExportError, match="expected a pipeline of .*StableDiffusionXLPipeline.*got 'KandinskyPipeline'"
+    ):
+        families.detect({"_class_name": "KandinskyPipeline"}, SD_UNET)
+
+
+def test_unet_and_latent_channels_are_separate():
+    inpaint = FAMILIES["sd1"].specs(dims(unet_in_channels=9))["unet"]
+    assert inpaint.inputs[0].shape == ["batch", 9, "latent_height", "latent_width"]
+    assert inpaint.outputs[0].shape == ["batch", 4, "latent_height", "latent_width"]
+    with pytest.raises(ExportError, match="expected 4 .* or 9 .*got 5"):
+        dims(unet_in_channels=5)
+
+
+def test_sdxl_unet_takes_pooled_text_and_time_ids_and_lcm_a_guidance_embedding():
+    d = dims(text_hidden=(768, 1280), cross_attention_dim=2048, pooled_dim=1280, time_ids=6, time_cond_dim=256)
+    specs = FAMILIES["sdxl"].specs(d)
+    unet = {t.name: t.shape for t in specs["unet"].inputs}
+    assert list(unet) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"]
+    assert unet["text_embeds"] == ["batch", 1280] and unet["time_ids"] == ["batch", 6]
+    assert unet["timestep_cond"] == ["batch", 256] and unet["encoder_hidden_states"] == ["batch", 77, 2048]
+    assert [t.name for t in specs["text_encoder"].outputs] == ["penultimate_hidden_state"]
+    assert [(t.name, t.shape) for t in specs["text_encoder_2"].outputs] == [
+        ("penultimate_hidden_state", ["batch", 77, 1280]),
+        ("text_embeds", ["batch", 1280]),
+    ]
+    assert {name: s.batch for name, s in specs.items()} == {
+        "text_encoder": "prompts", "text_encoder_2": "prompts", "unet": "guidance",
+        "vae_decoder": "images", "vae_encoder": "images",
+    }  # fmt: skip
+
+
+def test_every_family_describes_every_component_it_lists():
+    for family in FAMILIES.values():
+        d = dims(
+            text_hidden=(32,) * len(family.text_encoders), pooled_dim=32, time_ids=6 if family.micro_conditioning else 0
+        )
+        assert set(family.specs(d)) == set(family.components()), family.name
+        assert family.components()[-3:] == ("unet", "vae_decoder", "vae_encoder")
+
+
+def test_the_tiny_autoencoder_encodes_to_latents():
+    kl, tiny = (FAMILIES["sd1"].specs(dims(vae_kind=k))["vae_encoder"].outputs[0] for k in ("kl", "tiny"))
+    assert (kl.name, kl.shape[1]) == ("latent_parameters", 8) and (tiny.name, tiny.shape[1]) == ("latent", 4)
+
+
+def test_defaults_follow_diffusers_per_family_and_task():
+    assert FAMILIES["sd1"].defaults(dims()) == {"num_inference_steps": 50, "guidance_scale": 7.5}
+    assert FAMILIES["sdxl"].defaults(dims())["guidance_scale"] == 5.0
+    assert FAMILIES["sdxl"].defaults(dims(), "inpainting")["guidance_scale"] == 7.5
+    assert FAMILIES["sd1"].defaults(dims(time_cond_dim=256)) == {"num_inference_steps": 4, "guidance_scale": 8.5}
+    assert (FAMILIES["sd1"].default_strength, FAMILIES["sdxl"].default_strength) == (0.8, 0.3)
