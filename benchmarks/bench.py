@@ -536,7 +536,6 @@ def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:
         "versions": versions(),
         "model": {
             "family": manifest.family,
-            "vae": manifest.vae.get("class", "AutoencoderKL"),
             "source": manifest.source.get("model") or manifest.source.get("path"),
             "unet_bytes": sum(f.bytes for f in manifest.components["unet"].files),
         },
@@ -579,6 +578,7 @@ def _sdrt_fields(ctx: Context, variant: Variant, worker: Worker) -> dict:
         "precision": precision_label(graph, variant.precision),
         "load_timings": worker.hello.get("load_timings"),
         "device": device_info(variant.backend),
+        "vae": ctx.manifests[variant.artifacts].vae.get("class", "AutoencoderKL"),  # AutoencoderTiny with --vae
     }
     if fields["device"]["kind"] == "gpu":
         fields["device_memory_used_bytes"] = worker.last_reply.get("device_memory_used_bytes")

@@ -62,7 +62,8 @@ def label(row: dict) -> str:
     impl = {"diffusers": "diffusers/PyTorch", "optimum": "optimum/onnxruntime"}.get(
         row["implementation"], f"{row['implementation']}/{row['backend']}"
     )
-    return f"{where} · {impl} · {row.get('precision', MISSING)}"
+    vae = " · tiny VAE" if row.get("vae") == "AutoencoderTiny" else ""  # sdrt export --vae
+    return f"{where} · {impl} · {row.get('precision', MISSING)}{vae}"
 
 
 def case(row: dict) -> str:

@@ -133,8 +133,7 @@ def _random_model(args: argparse.Namespace) -> int:
     if is_current(args.out, args.preset, args.seed) and not args.force:
         print(f"{args.out} is up to date (same preset, recipe and seed): nothing to do (use --force to rebuild)")
         return 0
-    write_random_model(args.out, preset=args.preset, seed=args.seed)
-    print(f"wrote random-weight {args.preset} pipeline to {args.out}")
+    write_random_model(args.out, preset=args.preset, seed=args.seed)  # logs what it wrote
     return 0
 
 

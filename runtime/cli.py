@@ -32,16 +32,17 @@ ONNX export). The task follows from the options:
                   unless --height/--width are given (the image is then resized); either way it
                   must be a multiple of the model's spatial multiple, which an error names.
   inpainting      --image PATH --mask PATH: repaints where the mask is white, keeps where it is
-                  black. An inpainting model (9-channel UNet) sees the mask; an ordinary SD 1.x/2.x
-                  model re-imposes the kept region at every step. Image and mask are resized to
-                  --height/--width (default: the model's size).
+                  black. An inpainting model (9-channel UNet) sees the mask; an ordinary model
+                  (SD 1.x/2.x, SDXL base) re-imposes the kept region at every step. Image and mask
+                  are resized to --height/--width (default: the model's size).
   SDXL refiner    --refiner ARTIFACTS (ensemble of experts): the base (--artifacts) runs the first
                   --high-noise-frac of the schedule and hands its latents to the refiner, which runs
                   the rest with the same prompt, steps, guidance and seed and writes the images.
 
---steps and --guidance-scale default to diffusers' values for the model family: 50 steps at
-guidance 7.5 (SDXL 5.0), LCM models 4 steps at 8.5. Guidance applies above 1; distilled models
-such as SD-Turbo run one to four steps without it (--guidance-scale 0)."""
+--steps and --guidance-scale default to diffusers' values for the model family and task: 50
+steps at guidance 7.5 (SDXL 5.0, but 7.5 for inpainting), LCM models 4 steps at 8.5. Guidance
+applies above 1; distilled models such as SD-Turbo run one to four steps without it
+(--guidance-scale 0)."""
 
 GENERATE_EPILOG = """\
 examples:
@@ -104,8 +105,8 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         "--guidance-scale",
         type=float,
         default=None,
-        help="classifier-free guidance; <= 1 disables it (default: the model family's: 7.5; SDXL 5.0; LCM 8.5, "
-        "which LCM takes as an embedding, not as a second UNet row)",
+        help="classifier-free guidance; <= 1 disables it (default: the model family's for the task: 7.5; SDXL "
+        "5.0, 7.5 for inpainting; LCM 8.5, which LCM takes as an embedding, not as a second UNet row)",
     )
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument(
@@ -152,7 +153,7 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="F",
         help="how far the --image is noised, 0 < F <= 1: 1 replaces it, lower keeps more of it "
-        "(default: the family's for image-to-image, 0.8; SDXL 0.3; 1 for inpainting)",
+        "(default: the family's: image-to-image 0.8, SDXL 0.3; inpainting 1, SDXL 0.9999)",
     )
 
     xl = p.add_argument_group("SDXL: base + refiner, and micro-conditioning")
@@ -276,6 +277,11 @@ def _check_generate_args(args: argparse.Namespace) -> None:
             f"--strength: applies to image-to-image and inpainting, expected --image PATH, got --strength "
             f"{args.strength} alone"
         )
+    if args.refiner is not None and args.mask is not None:
+        raise InputError(
+            "--refiner: the base hands its latents over for image-to-image; inpainting (--mask) with a refiner "
+            "is not supported, expected --refiner or --mask"
+        )
     if args.refiner is None:
         if args.high_noise_frac is not None:
             raise InputError(
@@ -293,8 +299,20 @@ def _check_generate_args(args: argparse.Namespace) -> None:
             raise InputError(f"{_option(name)}: expected a fraction strictly between 0 and 1, got {value}")
 
 
-def _check_micro_options(args: argparse.Namespace, families: list) -> None:
-    """Refuse a micro-conditioning option that none of the models takes, rather than ignore it."""
+def _check_model_options(args: argparse.Namespace, pipe, refiner_family) -> None:
+    """What the loaded model shows to be wrong, said in the command line's terms: a model that cannot do
+    the task the options ask for, a micro-conditioning option that none of the models takes."""
+    if pipe.family.micro_conditioning == "refiner" and args.image is None:
+        raise InputError(
+            f"--artifacts: {args.artifacts} is an SDXL refiner, which refines an image; expected --image PATH, "
+            f"or these artifacts as --refiner behind an SDXL base (--artifacts BASE --refiner {args.artifacts})"
+        )
+    if pipe.dims.inpainting and args.mask is None:
+        raise InputError(
+            f"--artifacts: {args.artifacts} is an inpainting model (9-channel UNet); expected --image PATH and "
+            "--mask PATH"
+        )
+    families = [pipe.family] + ([refiner_family] if refiner_family else [])
     kinds = {f.micro_conditioning for f in families}
     names = " and ".join(f.name for f in families)
     for dest, (_, takers) in MICRO_OPTIONS.items():
@@ -375,10 +393,14 @@ def _generate(args: argparse.Namespace) -> int:
     stages: list[_Stage] = []
 
     t0 = time.perf_counter()
-    with Pipeline.load(args.artifacts, **load) as pipe:
+    # The SDXL base of a handoff returns latents (no VAE decoder); the refiner takes latents (no encoder).
+    encoder = ("vae_encoder",) if args.image is not None else ()
+    base_parts = ("vae_decoder", *encoder) if handoff is None else encoder
+    with Pipeline.load(args.artifacts, components=base_parts, **load) as pipe:
         load_s = time.perf_counter() - t0
-        _check_micro_options(args, [pipe.family] + ([refiner_family] if refiner_family else []))
-        defaults = pipe.family.defaults(pipe.dims)
+        _check_model_options(args, pipe, refiner_family)
+        task = "text-to-image" if args.image is None else "image-to-image" if args.mask is None else "inpainting"
+        defaults = pipe.family.defaults(pipe.dims, task)
         steps = defaults["num_inference_steps"] if args.steps is None else args.steps
         guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         result = pipe(
@@ -394,13 +416,12 @@ def _generate(args: argparse.Namespace) -> int:
             callback=StepProgress("denoising" if handoff is None else "base"),
         )
         stages.append(_Stage("" if handoff is None else "base", pipe, result, load_s, args.image is not None))
-    task = "text-to-image" if args.image is None else "image-to-image" if args.mask is None else "inpainting"
     if args.image is not None:
-        default = pipe.family.default_strength if args.mask is None else 1.0
+        default = pipe.family.default_strength if args.mask is None else pipe.family.inpainting_strength
         task += f" at strength {default if args.strength is None else args.strength:g}"
     if handoff is not None:  # SDXL's ensemble of experts: the refiner continues from the base's latents
         t0 = time.perf_counter()
-        with Pipeline.load(args.refiner, **load) as refiner:
+        with Pipeline.load(args.refiner, components=("vae_decoder",), **load) as refiner:
             load_s = time.perf_counter() - t0
             result = refiner(
                 **call,

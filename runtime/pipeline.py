@@ -174,6 +174,7 @@ class Pipeline:
         trt_ranges: ShapeRanges | None = None,
         precision: str = "fp32",
         cache: bool = True,
+        components: tuple[str, ...] | list[str] | None = None,
     ) -> Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
         or an optimum ONNX export, on ``backend`` (see ``sdrt.runtime.backends``).
@@ -182,7 +183,9 @@ class Pipeline:
         on CPUs that have it, backend ``openvino``); asking for one the backend or CPU lacks is an
         error, never a silent change. ``cache``: use and fill the per-machine compiled-graph caches
         under ``engines/``. ``trt_ranges``: the shape ranges onnxruntime's TensorRT provider builds its
-        engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px)."""
+        engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px). ``components``:
+        open only these (the text encoders and the UNet always), e.g. no VAE decoder for an SDXL base that
+        hands latents to its refiner; a call that needs one not opened is refused, naming it."""
         t_start = t0 = time.perf_counter()
         root = Path(artifacts)
         record = backends.get(backend)
@@ -190,9 +193,16 @@ class Pipeline:
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
         timings = {"manifest": time.perf_counter() - t0}
         options = backends.LoadOptions(threads, precision, cuda_graph, trt_ranges, cache)
+        names = cls.components_of(manifest)
+        if components is not None:
+            family = manifest.model_family.components()
+            unknown = sorted(set(components) - set(family))
+            if unknown:
+                raise InputError(f"components: expected names from {', '.join(family)}, got {unknown}")
+            names = tuple(c for c in names if c in components or c not in ("vae_decoder", "vae_encoder"))
         sessions: dict[str, Session] = {}
         try:
-            for name in cls.components_of(manifest):
+            for name in names:
                 t0 = time.perf_counter()
                 sessions[name] = record.open(root, manifest, manifest.components[name], options)
                 timings[name] = time.perf_counter() - t0
@@ -272,6 +282,11 @@ class Pipeline:
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if output_type != "latent" and "vae_decoder" not in self.sessions:
+            raise InputError(
+                "output_type: images need the VAE decoder, which this pipeline was loaded without; "
+                "load it (components=) or ask for output_type='latent'"
+            )
         request = self._request(
             prompt, negative_prompt, image, mask_image, strength, height, width, guidance_scale,
             num_images_per_prompt, denoising_start, denoising_end, original_size, crops_coords_top_left,
@@ -344,8 +359,12 @@ class Pipeline:
                 f"mask_image: inpainting is supported for {', '.join(families.inpainting_families())} models, "
                 f"not {self.family.name}"
             )
-        if task != "text-to-image" and "vae_encoder" not in self.sessions:
-            raise InputError(f"image: {task} needs the VAE encoder, which these artifacts were exported without")
+        latents_given = (
+            isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == self.dims.latent_channels
+        )
+        if task != "text-to-image" and not latents_given and "vae_encoder" not in self.sessions:
+            where = "exported" if "vae_encoder" not in self.manifest.components else "loaded"
+            raise InputError(f"image: {task} needs the VAE encoder, which this pipeline was {where} without")
         if denoising_start is not None and task == "text-to-image":
             raise InputError("denoising_start: expected with image= (the latents to continue from), got no image")
 
@@ -410,11 +429,16 @@ class Pipeline:
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         m = self.manifest
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % m.spatial_multiple:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or value <= 0
+                or value % m.spatial_multiple
+            ):
                 raise InputError(
                     f"{name}: expected a positive multiple of {m.spatial_multiple} pixels for this model, got {value!r}"
                 )
-        return batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor
+        return batch, m.latent_channels, int(height) // m.vae_scale_factor, int(width) // m.vae_scale_factor
 
     # -- schedule ----------------------------------------------------------------------------------
     def schedule(self, sched, num_inference_steps: int, request: Request, eta: float):
