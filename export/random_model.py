@@ -153,6 +153,21 @@ TINY_PARTS = {
     "text_encoder": Part("CLIPTextModel", TINY_TEXT_ENCODER),
 }
 
+
+def _autoencoder_tiny(channels: int, encoder_blocks: tuple, decoder_blocks: tuple) -> Preset:
+    """A lone AutoencoderTiny folder (no pipeline): four stages of ``channels``, scale factor 8, 4 latent channels."""
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        encoder_block_out_channels=(channels,) * 4,
+        decoder_block_out_channels=(channels,) * 4,
+        num_encoder_blocks=encoder_blocks,
+        num_decoder_blocks=decoder_blocks,
+        latent_channels=4,
+    )
+    return Preset(None, {"vae": Part("AutoencoderTiny", config)})
+
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("StableDiffusionPipeline", TINY_PARTS, TINY_DDIM, {"tokenizer": EOS}, SD_OPTIONS),
     "sd15": Preset(
@@ -275,45 +290,11 @@ PRESETS: dict[str, Preset] = {
         {"tokenizer": EOS},
         SD_OPTIONS,
     ),
-    "tiny-taesd": Preset(
-        None,
-        {
-            "vae": Part(
-                "AutoencoderTiny",
-                dict(
-                    in_channels=3,
-                    out_channels=3,
-                    encoder_block_out_channels=(32, 32, 32, 32),
-                    decoder_block_out_channels=(32, 32, 32, 32),
-                    num_encoder_blocks=(1, 1, 1, 1),
-                    num_decoder_blocks=(1, 1, 1, 1),
-                    latent_channels=4,
-                ),
-            )
-        },
-    ),
+    "tiny-taesd": _autoencoder_tiny(channels=32, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
+    # TAESD's published architecture (diffusers' AutoencoderTiny defaults, as madebyollin/taesd ships it):
+    # four 64-channel stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks, ~2.4 M parameters.
+    "taesd": _autoencoder_tiny(channels=64, encoder_blocks=(1, 3, 3, 3), decoder_blocks=(3, 3, 3, 1)),
 }
-
-
-# TAESD's published architecture (diffusers' AutoencoderTiny defaults, as madebyollin/taesd ships it):
-# four 64-channel stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks, ~2.4 M parameters.
-PRESETS["taesd"] = Preset(
-    None,
-    {
-        "vae": Part(
-            "AutoencoderTiny",
-            dict(
-                in_channels=3,
-                out_channels=3,
-                encoder_block_out_channels=(64, 64, 64, 64),
-                decoder_block_out_channels=(64, 64, 64, 64),
-                num_encoder_blocks=(1, 3, 3, 3),
-                num_decoder_blocks=(3, 3, 3, 1),
-                latent_channels=4,
-            ),
-        )
-    },
-)
 
 
 def _preset(preset: str) -> Preset:
