@@ -50,6 +50,8 @@ class ExportOptions:
     component_precision: tuple[tuple[str, str], ...] = ()  # overrides, e.g. (("vae_decoder", "fp32"),)
     optimizations: tuple[str, ...] = graph.DEFAULT_OPTIMIZATIONS
     vae: str | None = None  # a VAE folder (AutoencoderKL or AutoencoderTiny) replacing the model's own
+    # Read pickle checkpoints (.bin) where a part has no safetensors weights: unpickling can run code.
+    allow_pickle: bool = False
 
     def __post_init__(self):
         unknown = [c for c in self.components if c not in ALL_COMPONENTS]
@@ -117,7 +119,7 @@ def input_fingerprint(source: Path, options: ExportOptions) -> str:
     sdrt's own export code (so a changed exporter rebuilds even at the same version number)."""
     h = hashlib.sha256()
     vae = Path(options.vae) if options.vae else None
-    for path in source_files(source, vae):
+    for path in source_files(source, vae, options.allow_pickle):
         where = path.relative_to(source) if path.is_relative_to(source) else Path("vae-override") / path.name
         h.update(f"{where.as_posix()}\0{sha256_file(path)}\n".encode())
     here = Path(__file__).parent
@@ -151,7 +153,7 @@ def export_pipeline(
 ) -> ExportReport:
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    source = resolve_source(model, revision)
+    source = resolve_source(model, revision, options.allow_pickle)
     fingerprint = input_fingerprint(source, options)
     if not force:
         existing = up_to_date(out_dir, fingerprint)
@@ -167,7 +169,7 @@ def export_pipeline(
     log.info("loading %s", source)
     if options.vae and not Path(options.vae).is_dir():
         raise ExportError(f"vae: expected a folder holding an AutoencoderKL or AutoencoderTiny, got {options.vae!r}")
-    pipe = load_pipeline(source, Path(options.vae) if options.vae else None)
+    pipe = load_pipeline(source, Path(options.vae) if options.vae else None, options.allow_pickle)
     names = options.components_of(pipe.family)
     seconds["load"] = time.perf_counter() - t0
     with atomic_directory(out_dir) as tmp:

@@ -61,6 +61,12 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         help="a VAE folder to export in place of the model's own (decoder and encoder), e.g. a tiny autoencoder "
         "(diffusers AutoencoderTiny: TAESD for SD 1.x/2.x, TAESDXL for SDXL); recorded in the manifest",
     )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a part's pickle checkpoint (.bin) when it has no safetensors weights; unpickling can run "
+        "arbitrary code, so only for models from a source you trust (by default only safetensors are read)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
     p.set_defaults(func=_export)
@@ -84,6 +90,7 @@ def _export(args: argparse.Namespace) -> int:
         component_precision=tuple(overrides),
         optimizations=tuple(args.optimize),
         vae=args.vae,
+        allow_pickle=args.allow_pickle,
     )
     report = export_pipeline(args.model, args.out, options, revision=args.revision, force=args.force)
     m = report.manifest

@@ -2,10 +2,16 @@
 
 Which parts a folder has, and what each graph takes and returns, comes from its family
 (``sdrt.runtime.families``); each component spec names its wrapper class here.
+
+A model folder is data, never code: only safetensors weights are read unless the caller allows
+pickle checkpoints (``.bin``, ``.ckpt``: unpickling can run arbitrary code), every loader is told
+``trust_remote_code=False``, and a ``model_index.json`` naming a library other than diffusers or
+transformers (custom code shipped in the folder) is refused rather than ignored.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -34,6 +40,20 @@ SOURCE_PATTERNS = [
     "vae/diffusion_pytorch_model.safetensors",
 ]
 VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+# Read only with allow_pickle (sdrt export --allow-pickle), where a part has no safetensors weights.
+PICKLE_PATTERNS = [
+    "text_encoder/pytorch_model.bin",
+    "text_encoder_2/pytorch_model.bin",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.bin",
+]
+VAE_PICKLE_PATTERNS = ["diffusion_pytorch_model.bin"]
+# Weight files that are loaded by unpickling.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+# model_index.json entries name [library, class]; diffusers also accepts its own pipeline modules
+# (SD 1.5's safety_checker is ["stable_diffusion", "StableDiffusionSafetyChecker"]).
+TRUSTED_LIBRARIES = ("diffusers", "transformers")
+PICKLE_FLAG = "--allow-pickle"
 
 
 class TextEncoder(torch.nn.Module):
@@ -163,8 +183,9 @@ class LoadedPipeline:
         return module.eval()
 
 
-def resolve_source(model: str, revision: str | None = None) -> Path:
-    """A local diffusers folder as is; otherwise a hub id, fetched (only the files we export) to the HF cache."""
+def resolve_source(model: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
+    """A local diffusers folder as is; otherwise a hub id, fetched (only the files we export, pickle
+    checkpoints only with ``allow_pickle``) to the HF cache."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -173,15 +194,82 @@ def resolve_source(model: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     log.info("fetching %s (revision %s) from the hub", model, revision or "main")
-    return Path(snapshot_download(model, revision=revision, allow_patterns=SOURCE_PATTERNS))
+    patterns = SOURCE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
 
 
-def source_files(source: Path, vae: Path | None = None) -> list[Path]:
+def source_files(source: Path, vae: Path | None = None, allow_pickle: bool = False) -> list[Path]:
     """Every file export reads, in a stable order (for the input fingerprint)."""
-    files = {p for pattern in SOURCE_PATTERNS for p in source.glob(pattern) if p.is_file()}
+    patterns = SOURCE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    files = {p for pattern in patterns for p in source.glob(pattern) if p.is_file()}
     if vae is not None:
-        files |= {p for pattern in VAE_PATTERNS for p in vae.glob(pattern) if p.is_file()}
+        vae_patterns = VAE_PATTERNS + (VAE_PICKLE_PATTERNS if allow_pickle else [])
+        files |= {p for pattern in vae_patterns for p in vae.glob(pattern) if p.is_file()}
     return sorted(files)
+
+
+def _is_diffusers_pipeline_module(name: str) -> bool:
+    """``stable_diffusion`` and the like: a module of diffusers itself (found, not imported)."""
+    if not name.isidentifier() or name.startswith("_"):
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_libraries(source: Path, index: dict) -> None:
+    """Refuse a model_index.json whose components (or pipeline class) come from a library other than
+    diffusers or transformers: such a folder carries code of its own, which export never runs."""
+    for key, value in index.items():
+        if key.startswith("_") and key != "_class_name":
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            continue  # options (force_zeros_for_empty_prompt, ...) and the plain "_class_name" string
+        library, class_name = value
+        if library is None or library in TRUSTED_LIBRARIES:
+            continue
+        if isinstance(library, str) and _is_diffusers_pipeline_module(library):
+            continue
+        raise ExportError(
+            f"{source / 'model_index.json'}: component {key!r}: expected a class from diffusers or transformers, "
+            f"got [{library!r}, {class_name!r}] from library {library!r} (a model folder's own code is never run: "
+            "use a model whose components are diffusers/transformers classes)"
+        )
+
+
+def check_weights(folder: Path, weights_name: str, what: str, allow_pickle: bool = False) -> None:
+    """Refuse ``folder`` (one part of a pipeline) when loading it would unpickle a checkpoint, unless
+    ``allow_pickle``: its weights must be ``<weights_name>.safetensors`` (or a sharded safetensors index
+    whose shards are all safetensors), and its config must not point transformers at another file."""
+    if allow_pickle:
+        return
+    fix = f"convert them to safetensors, or pass {PICKLE_FLAG} if you trust their source: unpickling can run code"
+    config = folder / "config.json"
+    if config.is_file():
+        explicit = _json(config, f"{what}'s config.json").get("transformers_weights")
+        if explicit is not None and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+            raise ExportError(
+                f"{config}: {what}: expected safetensors weights, got transformers_weights={explicit!r} ({fix})"
+            )
+    single, index = folder / f"{weights_name}.safetensors", folder / f"{weights_name}.safetensors.index.json"
+    if index.is_file():  # diffusers reads a sharded index before (and instead of) the single file
+        shards = sorted({str(s) for s in _json(index, f"{what}'s safetensors index").get("weight_map", {}).values()})
+        unsafe = [s for s in shards if not s.endswith(".safetensors") or "/" in s or "\\" in s]
+        if unsafe:
+            raise ExportError(
+                f"{index}: {what}: expected safetensors shards beside the index, got {', '.join(unsafe)} ({fix})"
+            )
+        return
+    if single.is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise ExportError(
+            f"{folder}: {what}: expected safetensors weights ({single.name}), got only pickle checkpoints "
+            f"{', '.join(pickles)} ({fix})"
+        )
+    raise ExportError(f"{folder}: {what}: expected weights in {single.name}, found none")
 
 
 def _json(path: Path, what: str) -> dict:
@@ -191,7 +279,13 @@ def _json(path: Path, what: str) -> dict:
         raise ExportError(f"{path}: expected the {what} (JSON), got {e}") from e
 
 
-def load_vae(folder: Path) -> torch.nn.Module:
+def _use_safetensors(allow_pickle: bool) -> bool | None:
+    """diffusers' and transformers' ``use_safetensors``: True reads safetensors only; None (theirs by
+    default) prefers safetensors and falls back to a pickle checkpoint."""
+    return None if allow_pickle else True
+
+
+def load_vae(folder: Path, allow_pickle: bool = False) -> torch.nn.Module:
     """An AutoencoderKL or AutoencoderTiny folder, by its config's class."""
     import diffusers
 
@@ -199,11 +293,17 @@ def load_vae(folder: Path) -> torch.nn.Module:
     kind = config.get("_class_name")
     if kind not in ("AutoencoderKL", "AutoencoderTiny"):
         raise ExportError(f"{folder}: expected an AutoencoderKL or AutoencoderTiny folder, got {kind!r}")
-    return getattr(diffusers, kind).from_pretrained(folder, torch_dtype=torch.float32).eval()
+    check_weights(folder, "diffusion_pytorch_model", "vae", allow_pickle)
+    model = getattr(diffusers, kind).from_pretrained(
+        folder, torch_dtype=torch.float32, use_safetensors=_use_safetensors(allow_pickle)
+    )
+    return model.eval()
 
 
-def load_pipeline(source: Path, vae: Path | None = None) -> LoadedPipeline:
-    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's."""
+def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = False) -> LoadedPipeline:
+    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's.
+    Weights are read from safetensors only, unless ``allow_pickle`` (then a part without safetensors
+    weights is read from its pickle checkpoint)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -211,6 +311,7 @@ def load_pipeline(source: Path, vae: Path | None = None) -> LoadedPipeline:
     if not index_path.is_file():
         raise ExportError(f"{source}: expected a diffusers pipeline folder with model_index.json, found none")
     index = _json(index_path, "pipeline index")
+    check_libraries(source, index)
     unet_config = _json(source / "unet" / "config.json", "UNet's config.json") if (source / "unet").is_dir() else {}
     family = families.detect(index, unet_config) if unet_config else None
     if family is None:
@@ -220,15 +321,26 @@ def load_pipeline(source: Path, vae: Path | None = None) -> LoadedPipeline:
         if not (source / part).is_dir():
             raise ExportError(f"{source}: expected a '{part}' folder in the {family.name} pipeline, found none")
 
+    vae_folder = Path(vae) if vae else source / "vae"
+    # Every part's weights are checked before any is loaded.
+    for role in family.text_encoders:
+        check_weights(source / role.component, "model", role.component, allow_pickle)
+    check_weights(source / "unet", "diffusion_pytorch_model", "unet", allow_pickle)
+    check_weights(vae_folder, "diffusion_pytorch_model", "vae", allow_pickle)
+
+    safe = {"use_safetensors": _use_safetensors(allow_pickle)}
     parts: dict[str, torch.nn.Module] = {}
     tokenizers = {}
     for role in family.text_encoders:
-        tokenizers[role.tokenizer] = CLIPTokenizer.from_pretrained(source / role.tokenizer)
+        tokenizers[role.tokenizer] = CLIPTokenizer.from_pretrained(source / role.tokenizer, trust_remote_code=False)
         cls = CLIPTextModelWithProjection if role.pooled_output else CLIPTextModel
-        parts[role.component] = cls.from_pretrained(source / role.component, torch_dtype=torch.float32).eval()
-    parts["unet"] = unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32).eval()
-    vae_folder = Path(vae) if vae else source / "vae"
-    parts["vae"] = vae_model = load_vae(vae_folder)
+        parts[role.component] = cls.from_pretrained(
+            source / role.component, torch_dtype=torch.float32, trust_remote_code=False, **safe
+        ).eval()
+    # diffusers' model classes take no trust_remote_code: they never load code from the folder.
+    unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32, **safe)
+    parts["unet"] = unet = unet.eval()
+    parts["vae"] = vae_model = load_vae(vae_folder, allow_pickle)
     scheduler_config = _json(source / "scheduler" / "scheduler_config.json", "scheduler config")
 
     first = family.text_encoders[0]

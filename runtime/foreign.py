@@ -7,7 +7,9 @@ compute what ours do with other tensor names (``latent_sample`` -> ``sample`` fo
 and a scalar ``timestep``. This module describes such a folder as a :class:`Manifest` whose
 components carry the name mapping, so the pipeline and the sessions run it unchanged.
 
-Such a folder has no hashes to check against; its files are checked for presence and size only.
+Such a folder has no hashes to check against; its files are checked for presence and size only,
+and, as every artifact directory's, for external data outside the folder (before any backend opens
+a graph). The graphs are read with :mod:`sdrt.runtime.onnx_proto`: the runtime does not need ``onnx``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdrt.runtime import families
+from sdrt.runtime import families, onnx_proto
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.hashing import sha256_file
-from sdrt.runtime.manifest import MANIFEST_NAME, Component, FileRecord, Manifest, TokenizerInfo
+from sdrt.runtime.manifest import MANIFEST_NAME, Component, FileRecord, Manifest, TokenizerInfo, check_external_data
 
 OPTIMUM_FILES = {
     "text_encoder": "text_encoder/model.onnx",
@@ -60,8 +62,6 @@ def _config(root: Path, part: str) -> dict:
 
 def optimum_manifest(root: Path) -> Manifest:
     """A manifest describing an optimum ONNX export folder, with each graph's tensors checked by name."""
-    import onnx
-
     root = Path(root)
     missing = [f for name, f in OPTIMUM_FILES.items() if name != "vae_encoder" and not (root / f).is_file()]
     if missing:
@@ -99,8 +99,8 @@ def optimum_manifest(root: Path) -> Manifest:
         path = root / rel
         if not path.is_file():
             continue
-        model = onnx.load(str(path), load_external_data=False)
-        graph_tensors = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+        model = check_external_data(path, root)
+        graph_tensors = {v.name: v for v in (*model.inputs, *model.outputs)}
         ours = {t.name for t in (*specs[name].inputs, *specs[name].outputs)}
         names = {k: v for k, v in OPTIMUM_NAMES[name].items() if k in ours}
         absent = sorted(set(names.values()) - set(graph_tensors))
@@ -111,14 +111,14 @@ def optimum_manifest(root: Path) -> Manifest:
         files = [path] + [
             p for p in sorted(path.parent.iterdir()) if p.name.startswith("model.onnx_data") or p.suffix == ".data"
         ]
-        scalars = [
-            ours_name for ours_name, theirs in names.items() if not graph_tensors[theirs].type.tensor_type.shape.dim
-        ]
+        # Whatever else the graph reads (checked inside the folder above) is one of its files too.
+        files += [p for p in (path.parent / loc for loc in model.locations) if p not in files]
+        scalars = [ours_name for ours_name, theirs in names.items() if not graph_tensors[theirs].dims]
         inputs, outputs = list(specs[name].inputs), list(specs[name].outputs)
         components[name] = Component(
             name=name,
             files=[FileRecord(p.relative_to(root).as_posix(), "", p.stat().st_size) for p in files],
-            opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+            opset=model.opset,
             precision=_precision(model),
             inputs=inputs,
             outputs=outputs,
@@ -146,8 +146,7 @@ def optimum_manifest(root: Path) -> Manifest:
     )
 
 
-def _precision(model) -> str:
-    import onnx
-
-    types = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
-    return "fp16" if onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types else "fp32"
+def _precision(model: onnx_proto.OnnxInfo) -> str:
+    """fp16 when the graph's weights (initializers of two or more dimensions) are float16 and none float32."""
+    types = model.initializer_types
+    return "fp16" if onnx_proto.FLOAT16 in types and onnx_proto.FLOAT not in types else "fp32"

@@ -2,14 +2,26 @@
 
 Export writes it last, after every file it names exists; the runtime reads it first and refuses
 an artifact directory whose schema, files or hashes do not match, naming both values.
+
+It is also the one place where an artifact directory is checked for files outside it: every path
+the manifest names must stay inside the directory (no absolute paths, no ``..``, no symbolic link
+leading out), and so must every file a graph's tensors read their weights from (ONNX external
+data), which must moreover be one of the component's files the manifest lists (so that its hash
+is checked). A backend opens a graph only after :meth:`Manifest.load` passed, so a graph crafted
+to make onnxruntime (or OpenVINO, or TensorRT's parser) read ``/etc/shadow`` or another user's
+files as weights is refused before any of them sees it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sdrt.runtime import onnx_proto
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.hashing import VerifiedFiles, sha256_file
 
@@ -176,13 +188,130 @@ class Manifest:
         return files
 
     def check_files(self, root: Path, verify_hashes: bool = True) -> None:
-        """Every listed file exists with its size; with ``verify_hashes``, its sha256 too (recomputed
-        only for files changed since they last matched: see ``VerifiedFiles``)."""
-        verified = VerifiedFiles(Path(root) / VERIFIED_NAME) if verify_hashes else None
+        """Every listed file is inside ``root`` and exists with its size; with ``verify_hashes``, its
+        sha256 too (recomputed only for files changed since they last matched: see ``VerifiedFiles``).
+        Then, whatever ``verify_hashes`` says, every graph's external data must be files inside
+        ``root`` that the manifest lists for that component (see :func:`check_external_data`)."""
+        root = Path(root)
         for record in self.all_files():
-            check_file(Path(root), record, verify_hashes, verified)
+            check_inside(root, record.path, "file listed in the manifest")
+        for info in self.tokenizers.values():
+            check_inside(root, info.path, "tokenizer folder")
+        check_inside(root, self.scheduler_config, "scheduler config")
+        verified = VerifiedFiles(root / VERIFIED_NAME) if verify_hashes else None
+        for record in self.all_files():
+            check_file(root, record, verify_hashes, verified)
         if verified is not None:
             verified.save()
+        for component in self.components.values():
+            check_external_data(root / component.path, root, listed={f.path for f in component.files})
+
+
+# An absolute Windows path (C:\... or C:/...): refused on every platform, as artifacts travel.
+_DRIVE = re.compile(r"^[A-Za-z]:")
+# onnxruntime reads a tensor whose location is its marker "*/_ORT_MEM_ADDR_/*" from the memory address
+# in its offset: a location starting like onnxruntime's markers is refused outright.
+ORT_MARKER_PREFIX = "*/_ORT_"
+
+
+def _inside(path: str, real_root: str) -> bool:
+    return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _relative_problem(rel: str) -> str | None:
+    """Why ``rel`` cannot be a path relative to a folder it must stay in (None: it can)."""
+    if not rel:
+        return "an empty path"
+    if "\0" in rel:
+        return "a path with a NUL byte"
+    if rel.startswith(("/", "\\")) or os.path.isabs(rel) or _DRIVE.match(rel):
+        return "an absolute path"
+    if "\\" in rel:
+        return "a path with backslashes (Windows separators are refused; '..\\' would escape there)"
+    if ".." in rel.split("/"):
+        return "a path with '..'"
+    return None
+
+
+def check_inside(root: Path, rel: str, what: str) -> Path:
+    """``root/rel``, refusing a ``rel`` that is absolute, has ``..`` or leads out of ``root`` through a
+    symbolic link."""
+    problem = _relative_problem(rel)
+    if problem:
+        raise ArtifactError(
+            f"{root}/manifest.json: {what} {rel!r}: expected a relative path inside the artifact directory, "
+            f"got {problem} (the manifest was tampered with; re-run the export)"
+        )
+    path = Path(root) / rel
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if not _inside(real, real_root):
+        raise ArtifactError(
+            f"{path}: {what}: expected a path inside the artifact directory {real_root}, got a symbolic link "
+            f"to {real} (copy it into the directory instead of linking it)"
+        )
+    return path
+
+
+def check_external_data(
+    onnx_path: Path, root: Path, listed: Collection[str] | None = None, info: onnx_proto.OnnxInfo | None = None
+) -> onnx_proto.OnnxInfo:
+    """Refuse a graph whose tensors would read their data from outside ``root``; return what was read.
+
+    The graph file itself must be inside ``root`` once symbolic links are followed. Each external
+    data ``location`` (of every tensor of every graph, subgraph and function: see
+    :mod:`sdrt.runtime.onnx_proto`) must be a relative path without ``..`` naming an existing file that
+    stays inside ``root`` after symbolic links; with ``listed`` (paths relative to ``root``), one
+    of those files too. The error names the location, the tensor and the graph holding it."""
+    onnx_path, root = Path(onnx_path), Path(root)
+    real_root = os.path.realpath(root)
+    real_graph = os.path.realpath(onnx_path)
+    if not _inside(real_graph, real_root):
+        raise ArtifactError(
+            f"{onnx_path}: expected a graph inside the artifact directory {real_root}, got a symbolic link to "
+            f"{real_graph} (copy the graph into the directory instead of linking it)"
+        )
+    if info is None:
+        info = onnx_proto.read(onnx_path)
+    # onnxruntime resolves locations against the folder of the path it was given; onnx's tools against
+    # the file's real folder. Both must stay inside.
+    folders = dict.fromkeys((str(onnx_path.parent), os.path.dirname(real_graph)))
+    seen = set()
+    for ref in info.external:
+        if ref.location in seen:
+            continue
+        seen.add(ref.location)
+        where = f"{onnx_path}: external data of tensor {ref.tensor!r} in {ref.graph}"
+        fix = "(the graph was crafted or damaged; re-export it, and never load graphs that read files outside their folder)"
+        problem: str | None = _relative_problem(ref.location)
+        if ref.location.startswith(ORT_MARKER_PREFIX):
+            problem = "onnxruntime's in-memory address marker, which makes it read process memory"
+        if problem:
+            raise ArtifactError(
+                f"{where}: expected a relative path inside the artifact directory {root}, "
+                f"got location {ref.location!r} ({problem}) {fix}"
+            )
+        for folder in folders:
+            target = os.path.join(folder, ref.location)
+            real = os.path.realpath(target)
+            if not _inside(real, real_root):
+                raise ArtifactError(
+                    f"{where}: expected a file inside the artifact directory {real_root}, got location "
+                    f"{ref.location!r}, which resolves to {real} {fix}"
+                )
+            if not os.path.isfile(real):
+                raise ArtifactError(
+                    f"{where}: expected location {ref.location!r} to be a file, found none at {target} "
+                    "(copy the graph with its data file, or re-run the export)"
+                )
+        if listed is not None:
+            rel = Path(os.path.relpath(os.path.join(onnx_path.parent, ref.location), root)).as_posix()
+            if rel not in listed:
+                raise ArtifactError(
+                    f"{where}: expected one of the component's files listed in the manifest "
+                    f"({', '.join(sorted(listed))}), got location {ref.location!r} ({rel}, whose content no hash "
+                    "covers) (re-run the export)"
+                )
+    return info
 
 
 def check_file(root: Path, record: FileRecord, verify_hash: bool = True, verified: VerifiedFiles | None = None) -> None:

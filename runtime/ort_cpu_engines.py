@@ -23,7 +23,7 @@ from pathlib import Path
 from sdrt.runtime.cpu_features import cpu_flags
 from sdrt.runtime.engine_cache import ENGINES_DIR, onnx_fingerprint
 from sdrt.runtime.errors import ArtifactError
-from sdrt.runtime.manifest import Component
+from sdrt.runtime.manifest import Component, check_external_data, check_inside
 
 log = logging.getLogger(__name__)
 
@@ -137,4 +137,8 @@ def find_engine(root: Path, component: Component) -> tuple[Path | None, str]:
     reason = stale_reason(record, folder, fingerprint)
     if record is None or reason:
         return None, f"{folder.name}/{component.name}: {reason} (`sdrt engines` rebuilds it)"
-    return folder / record.file, ""
+    # An engine folder may come with the artifacts from elsewhere: its graph and its one data file must
+    # stay inside it, as the manifest's graphs must stay inside the artifact directory.
+    path = check_inside(folder, record.file, f"{folder.name}/engines.json {component.name}")
+    check_external_data(path, folder, listed={record.file, record.file + ".data"})
+    return path, ""
