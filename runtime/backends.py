@@ -8,6 +8,8 @@ libraries are imported inside the functions that need them, so importing this mo
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +49,80 @@ class Backend:
 
 
 # -- onnxruntime ----------------------------------------------------------------------------------
+# The distributions that install the `onnxruntime` import package. pip treats them as unrelated
+# projects, so two of them install into the same folder and overwrite each other's files (a CPU-only
+# library under onnxruntime-gpu's metadata, or a mix of both): sdrt's extras `cpu` and `gpu` each
+# bring one, and exactly one may be installed.
+ORT_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-rocm",
+    "onnxruntime-qnn",
+    "onnxruntime-training",
+    "ort-nightly",
+    "ort-nightly-gpu",
+)
+ORT_INSTALL_HINT = "pip install 'sdrt[cpu]' for the CPU, or 'sdrt[gpu]' on an NVIDIA machine"
+
+
+@functools.cache
+def _ort_distributions() -> tuple[tuple[str, str], ...]:
+    """(name, version) of each onnxruntime distribution installed here; once per process (metadata scans are slow)."""
+    from importlib import metadata
+
+    found = []
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            pass
+    return tuple(found)
+
+
+def _ort_importable() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def check_onnxruntime_install() -> None:
+    """BackendError unless exactly one onnxruntime distribution is installed, saying what is and how to fix it.
+
+    None installed is accepted when ``onnxruntime`` imports anyway (a build installed under another name)."""
+    found = _ort_distributions()
+    if len(found) > 1:
+        names = [name for name, _ in found]
+        listed = ", ".join(f"{name} {version}" for name, version in found)
+        raise BackendError(
+            f"onnxruntime: expected one onnxruntime distribution installed, got {len(found)} ({listed}), which "
+            f"overwrite each other's files in site-packages (pip uninstall -y {' '.join(names)} && pip install "
+            "'sdrt[cpu]', or 'sdrt[gpu]' on an NVIDIA machine)"
+        )
+    if not found and not _ort_importable():
+        raise BackendError(
+            f"onnxruntime: expected one onnxruntime distribution installed, got none ({ORT_INSTALL_HINT})"
+        )
+
+
+def _gpu_swap_command() -> str:
+    """How to replace the installed onnxruntime build by onnxruntime-gpu."""
+    installed = " ".join(name for name, _ in _ort_distributions()) or "onnxruntime"
+    return f"pip uninstall -y {installed} && pip install 'sdrt[gpu]'"
+
+
 def _ort_unavailable(providers: tuple[str, ...]) -> Callable[[], str | None]:
     def reason() -> str | None:
+        check_onnxruntime_install()  # a broken install is an error, not a backend this machine lacks
         try:
             import onnxruntime as ort
         except ImportError as e:
-            return f"onnxruntime is not installed ({e})"
+            return f"onnxruntime is not installed ({e}; {ORT_INSTALL_HINT})"
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             return (
                 f"this onnxruntime ({ort.__version__}) lacks {', '.join(missing)}; it has "
-                f"{', '.join(ort.get_available_providers())} (install onnxruntime-gpu on an NVIDIA machine)"
+                f"{', '.join(ort.get_available_providers())} (on an NVIDIA machine: {_gpu_swap_command()}, which "
+                "installs onnxruntime-gpu)"
             )
         return None
 

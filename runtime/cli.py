@@ -19,7 +19,7 @@ log = logging.getLogger("sdrt")
 
 # Modules that only an extra brings, and which extra: a missing one is an install step, not a bug.
 EXTRA_MODULES = {m: "export" for m in ("torch", "diffusers", "transformers", "onnx", "onnxscript", "safetensors")}
-EXTRA_MODULES |= {"matplotlib": "bench"}
+EXTRA_MODULES |= {"matplotlib": "bench", "onnxruntime": "cpu"}
 
 
 GENERATE_DESCRIPTION = """\

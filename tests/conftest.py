@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +14,60 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    gpu = _gpu_skip_reason()
-    if gpu:
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=gpu))
+    apply_gpu_skips(items, _gpu_skip_reason, nvidia_gpu_evidence)
+
+
+def apply_gpu_skips(items, gpu_skip_reason, gpu_evidence) -> None:
+    """Skip `gpu` tests where TensorRT cannot run, and `no_gpu` tests (the no-GPU paths) where an NVIDIA
+    GPU stack is present. Each probe runs only when a collected test needs its answer."""
+    if any("gpu" in item.keywords for item in items):
+        reason = gpu_skip_reason()
+        if reason:
+            for item in items:
+                if "gpu" in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+    if any("no_gpu" in item.keywords for item in items):
+        evidence = gpu_evidence()
+        if evidence:
+            reason = f"checks the no-GPU path; this machine has an NVIDIA GPU stack: {'; '.join(evidence)}"
+            for item in items:
+                if "no_gpu" in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@functools.cache
+def nvidia_gpu_evidence() -> tuple[str, ...]:
+    """What says this machine has an NVIDIA GPU, or TensorRT/CUDA software that changes what the no-GPU
+    tests see; empty on a machine without. Once per session."""
+    return gpu_evidence()
+
+
+def gpu_evidence(dev: Path = Path("/dev/nvidia0"), smi: str = "nvidia-smi") -> tuple[str, ...]:
+    found = []
+    if dev.exists():
+        found.append(f"{dev} exists")
+    smi_path = shutil.which(smi)
+    if smi_path:
+        try:
+            run = subprocess.run([smi_path, "-L"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            run = None
+        if run is not None and run.returncode == 0 and run.stdout.strip():
+            found.append(f"nvidia-smi lists {run.stdout.strip().splitlines()[0]}")
+    try:
+        import onnxruntime
+
+        providers = [p for p in onnxruntime.get_available_providers() if p in _NVIDIA_PROVIDERS]
+    except ImportError:
+        providers = []
+    if providers:
+        found.append(f"onnxruntime offers {', '.join(providers)}")
+    if importlib.util.find_spec("tensorrt") is not None:
+        found.append("the tensorrt package is installed")
+    return tuple(found)
+
+
+_NVIDIA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def _gpu_skip_reason() -> str | None:

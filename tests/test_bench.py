@@ -4,14 +4,17 @@ report (table and chart) from two result files and an old schema-1 row."""
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from sdrt.benchmarks.bench import BenchConfig, Worker, run_benchmark, stats
+from sdrt.benchmarks.bench import BenchConfig, Worker, device_slug, metrics, ratios, run_benchmark, stats
 from sdrt.benchmarks.flops import count_flops
 from sdrt.benchmarks.report import chart, load_rows, markdown_table, write_report
+from sdrt.benchmarks.worker import RunTimes, SdrtRunner
 from sdrt.runtime import InputError, Manifest, backends
+from sdrt.runtime.cpu_features import cpu_summary
 from sdrt.runtime.errors import BackendError
 
 OPENVINO = "openvino" in backends.available()
@@ -88,12 +91,15 @@ def test_rows_are_self_describing_and_consistent(two_result_files, tiny_artifact
     ours = next(r for r in rows if r["implementation"] == "sdrt" and r["threads"] == 1 and "metrics" in r)
     for key in ("device", "versions", "model", "precision", "batch", "height", "width", "steps", "scheduler"):
         assert key in ours
-    assert ours["device"]["kind"] == "cpu" and ours["device"]["cores"] >= 1
+    assert ours["device"]["kind"] == "cpu" and two_result_files[0].name == f"{device_slug(ours['device'])}.jsonl"
     assert ours["versions"]["onnxruntime"] and ours["scheduler"] == "DDIMScheduler"
     m = ours["metrics"]
-    assert m["unet_step_ms"]["n"] == 2 * 3  # runs x steps
-    assert m["unet_step_ms"]["median"] < m["step_wall_ms"]["median"]
-    assert 0 < m["overhead_fraction"]["median"] < 1
+    # One sample per run for the stages, one per step for the steps: 2 runs x 3 steps.
+    assert [m[k]["n"] for k in ("end_to_end_s", "text_encoder_ms", "vae_decode_ms")] == [2, 2, 2]
+    assert [m[k]["n"] for k in ("unet_step_ms", "step_wall_ms", "overhead_per_step_ms", "scheduler_step_ms")] == [6] * 4
+    # The stages are measured inside the run they belong to: no run is shorter than its fastest parts.
+    fastest_parts = m["text_encoder_ms"]["min"] + 3 * m["step_wall_ms"]["min"] + m["vae_decode_ms"]["min"]
+    assert 1e3 * m["end_to_end_s"]["min"] >= fastest_parts
     assert m["images_per_s"]["median"] == pytest.approx(1 / m["end_to_end_s"]["median"], rel=0.5)
     # FLOPs recorded for the doubled (guided) UNet batch at this size
     man = Manifest.load(tiny_artifacts, verify_hashes=False)
@@ -103,8 +109,63 @@ def test_rows_are_self_describing_and_consistent(two_result_files, tiny_artifact
         {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, d)},
     )["total"]
     assert ours["unet_flops_per_call"] == want
+    # Each ratio is one of our runs over the baseline's run of the same round: within the quotients of the extremes.
     ratio = ours["ratio_to"]["diffusers"]["end_to_end"]
-    assert ratio["n"] == 2 and ratio["min"] <= ratio["median"] <= ratio["max"]
+    diffusers = next(r for r in rows if r["implementation"] == "diffusers")["metrics"]["end_to_end_s"]
+    e2e = m["end_to_end_s"]
+    assert ratio["n"] == 2
+    assert e2e["min"] / diffusers["max"] <= ratio["min"] and ratio["max"] <= e2e["max"] / diffusers["min"]
+
+
+def test_ratios_pair_each_run_with_the_baseline_run_of_its_round():
+    def run(total: float, unet: float) -> RunTimes:
+        return RunTimes(total, total / 10, total / 5, [unet] * 3, [unet * 1.5] * 3)
+
+    r = ratios([run(1.0, 0.1), run(3.0, 0.2)], [run(2.0, 0.4), run(4.0, 0.1)])
+    # Rounds (1/2, 3/4); pairing across rounds would give 1/4 and 3/2, a ratio of medians 2/3.
+    assert (r["end_to_end"]["min"], r["end_to_end"]["max"], r["end_to_end"]["n"]) == (0.5, 0.75, 2)
+    assert (r["unet_step"]["min"], r["unet_step"]["max"]) == (0.25, 2.0)
+    assert r["text_encoder"]["median"] == pytest.approx(0.625) and r["vae_decode"]["median"] == pytest.approx(0.625)
+
+
+class Slowed:
+    """A session that sleeps before every call: the time it adds must land in its own component's figure."""
+
+    def __init__(self, session, delay: float):
+        self.session, self.delay = session, delay
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, feed):
+        time.sleep(self.delay)
+        return self.session.run(feed)
+
+
+def test_a_slowed_component_shows_up_in_its_own_time(tiny_artifacts):
+    """The sdrt worker's timings attribute time to the right stage: slow one session, and only its figure grows."""
+    delay, steps = 0.25, 3
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    runner = SdrtRunner(tiny_artifacts, "onnxruntime", "fp32", 1, None)
+    try:
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            real = runner.pipe.sessions[name]
+            runner.pipe.sessions[name] = Slowed(real, delay)
+            try:
+                t = runner(["a cat"], 64, 64, steps, 7.5, latents)
+            finally:
+                runner.pipe.sessions[name] = real
+            assert len(t.unet_calls) == len(t.step_walls) == len(t.scheduler_steps) == steps  # one per step asked
+            figures = {"text_encoder": t.text_encoder, "unet": min(t.unet_calls), "vae_decoder": t.vae_decoder}
+            assert figures[name] >= delay, (name, figures)
+            assert all(v < delay for k, v in figures.items() if k != name), (name, figures)
+            assert t.total >= t.text_encoder + sum(t.step_walls) + t.vae_decoder
+            if name == "unet":  # and the row's statistics keep it, in milliseconds
+                m = metrics([t], batch=1)
+                assert m["unet_step_ms"]["min"] >= 1e3 * delay and m["step_wall_ms"]["min"] >= 1e3 * delay
+                assert m["overhead_per_step_ms"]["max"] < 1e3 * delay
+    finally:
+        runner.close()
 
 
 def test_rows_per_backend_and_precision_with_the_reason_for_what_is_not_measured(two_result_files):
@@ -125,11 +186,14 @@ def test_each_implementation_reports_its_own_load_time_and_memory(two_result_fil
     """Separate processes: the sdrt worker's peak is not the diffusers worker's (which holds torch)."""
     rows = [r for r in load_rows(two_result_files) if "metrics" in r]
     for r in rows:
-        assert r["load_s"] > 0 and r["peak_rss_bytes"] >= r["rss_after_load_bytes"] > 0, r["implementation"]
+        assert r["load_s"] > 0 and r["rss_after_load_bytes"] > 0, r["implementation"]
     sdrt = next(r for r in rows if r["implementation"] == "sdrt" and r["threads"] == 1)
     diffusers = next(r for r in rows if r["implementation"] == "diffusers")
-    assert sdrt["peak_rss_bytes"] != diffusers["peak_rss_bytes"]
+    # Only the diffusers process holds torch: its memory is its own, not a figure of one shared process.
+    assert sdrt["rss_after_load_bytes"] < diffusers["rss_after_load_bytes"]
+    assert sdrt["peak_rss_bytes"] < diffusers["peak_rss_bytes"]
     assert {"manifest", "text_encoder", "unet", "vae_decoder", "total"} <= set(sdrt["load_timings"])
+    assert sdrt["load_s"] >= sdrt["load_timings"]["total"]  # the worker's load time includes the Pipeline's
     assert "load_timings" not in diffusers
 
 
@@ -137,10 +201,13 @@ def test_unet_rate_is_a_fraction_of_the_measured_matmul_rate(two_result_files):
     for r in load_rows(two_result_files):
         fp32 = r["machine"]["matmul"]["fp32"]
         assert fp32["gflops"] > 0 and fp32["shape"] == [256, 256, 256] and fp32["threads"] == r["threads"]
-        assert r["machine"]["cpu"]["model"] and "avx2" in r["machine"]["cpu"]["flags"]
+        assert r["machine"]["cpu"] == cpu_summary()  # this machine's CPU model and flags
         if "metrics" in r:
-            achieved = r["unet_tflops_achieved"] * 1e12
+            # From the row's own measurements: FLOPs per UNet call over the median call time.
+            achieved = r["unet_flops_per_call"] / (r["metrics"]["unet_step_ms"]["median"] / 1e3)
+            assert r["unet_tflops_achieved"] == pytest.approx(achieved / 1e12)
             assert r["unet_fraction_of_matmul"] == pytest.approx(achieved / (fp32["gflops"] * 1e9))
+            assert 0 < r["unet_fraction_of_matmul"] < 1  # a tiny UNet's small ops stay below a large MatMul's rate
 
 
 def test_a_worker_that_dies_or_hangs_is_an_error_naming_it():
@@ -238,5 +305,6 @@ def test_sdxl_bench_runs_beside_the_diffusers_sdxl_pipeline(family_artifacts, tm
     assert [(r["implementation"], r["backend"]) for r in rows] == [("sdrt", "onnxruntime"), ("diffusers", "pytorch")]
     assert all(r["model"]["family"] == "sdxl" and r["unet_flops_per_call"] > 0 for r in rows)
     sdrt, diffusers = rows
-    assert sdrt["metrics"]["unet_step_ms"]["median"] > 0 and diffusers["metrics"]["unet_step_ms"]["median"] > 0
+    # One UNet call per step (guidance batched into it) timed in each implementation: 1 run x 2 steps.
+    assert sdrt["metrics"]["unet_step_ms"]["n"] == diffusers["metrics"]["unet_step_ms"]["n"] == 2
     assert diffusers["pipeline"] == "StableDiffusionXLPipeline"

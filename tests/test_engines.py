@@ -180,13 +180,16 @@ def test_plan_reports_every_engine_missing_with_its_profile(tiny_artifacts):
 
 
 # -- polygraphy's loader chain, configured without TensorRT ---------------------------------------
-def test_loader_chain_is_configured_without_importing_tensorrt(tiny_artifacts, tmp_path):
-    m = Manifest.load(tiny_artifacts, verify_hashes=False)
+def unet_chain(artifacts, tmp_path):
+    m = Manifest.load(artifacts, verify_hashes=False)
     unet = m.components["unet"]
     profile = {k: [list(s) for s in v] for k, v in input_profile(unet, m, RANGES).items()}
     build = build_options(unet, EngineOptions(ranges=RANGES, workspace_bytes=4 << 30))
-    chain = loader_chain(tiny_artifacts / unet.path, profile, build, tmp_path / "timing.cache")
-    assert "tensorrt" not in sys.modules
+    return loader_chain(artifacts / unet.path, profile, build, tmp_path / "timing.cache"), unet, profile
+
+
+def test_loader_chain_is_configured_as_asked(tiny_artifacts, tmp_path):
+    chain, unet, profile = unet_chain(tiny_artifacts, tmp_path)
     assert chain.timing_cache_path == str(tmp_path / "timing.cache")  # saved (merged) after the build
     network = chain._network
     assert network.path == str(tiny_artifacts / unet.path) and not network.strongly_typed
@@ -195,6 +198,12 @@ def test_loader_chain_is_configured_without_importing_tensorrt(tiny_artifacts, t
     assert config.timing_cache_path == str(tmp_path / "timing.cache")
     (trt_profile,) = config.profiles
     assert {k: [list(s) for s in trt_profile[k]] for k in trt_profile.keys()} == profile
+
+
+@pytest.mark.no_gpu
+def test_loader_chain_is_configured_without_importing_tensorrt(tiny_artifacts, tmp_path):
+    chain, _, _ = unet_chain(tiny_artifacts, tmp_path)
+    assert "tensorrt" not in sys.modules
     with pytest.raises(Exception, match="tensorrt"):  # calling it is what needs TensorRT
         chain()
 
@@ -217,6 +226,7 @@ def test_engine_option_errors():
 
 
 # -- CPU-only behaviour of the commands -----------------------------------------------------------
+@pytest.mark.no_gpu
 def test_engines_command_skips_cleanly_without_tensorrt(tiny_artifacts):
     run = subprocess.run(
         [
@@ -251,6 +261,7 @@ def test_engines_command_skips_cleanly_without_tensorrt(tiny_artifacts):
     assert strict.returncode == 1
 
 
+@pytest.mark.no_gpu
 def test_generate_with_tensorrt_backend_fails_clearly(tiny_artifacts, tmp_path):
     run = subprocess.run(
         [
@@ -293,18 +304,64 @@ def test_reexport_keeps_the_engine_cache(tiny_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "ref"]  # no partial or old directory left
 
 
+@pytest.mark.no_gpu
 def test_device_query_reports_every_reason_without_a_gpu():
     """cuda-python's bindings install without a GPU: the no-device path runs for real here."""
-    from sdrt.runtime.tensorrt_backend import current_device, unavailable_reason
+    from sdrt.runtime.tensorrt_backend import current_device
 
-    if unavailable_reason() is None:
-        pytest.skip("this machine has a usable GPU and TensorRT")
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
     with pytest.raises(BackendError) as e:
         current_device()
     message = str(e.value)
     assert "tensorrt is not installed" in message or "no TensorRT library" in message
     assert "no CUDA device (cudaGetDeviceCount: " in message  # the driver's own error, e.g. InsufficientDriver
+
+
+NO_GPU_TESTS = (
+    test_loader_chain_is_configured_without_importing_tensorrt,
+    test_engines_command_skips_cleanly_without_tensorrt,
+    test_generate_with_tensorrt_backend_fails_clearly,
+    test_device_query_reports_every_reason_without_a_gpu,
+)
+
+
+def test_no_gpu_tests_are_skipped_where_a_gpu_stack_is_found(tmp_path, monkeypatch):
+    """The tests above expect no NVIDIA GPU; conftest skips them, with the evidence, on a machine with one."""
+    import conftest
+
+    assert all("no_gpu" in [m.name for m in test.pytestmark] for test in NO_GPU_TESTS)
+    # The probes: a working nvidia-smi and a device node are evidence, a failing nvidia-smi is not.
+    bin_dir, node = tmp_path / "bin", tmp_path / "nvidia0"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA L4 (UUID: GPU-1234)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert "nvidia-smi lists GPU 0: NVIDIA L4 (UUID: GPU-1234)" in conftest.gpu_evidence(dev=node)
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no NVIDIA driver' >&2\nexit 9\n")
+    assert not [e for e in conftest.gpu_evidence(dev=node) if "nvidia" in e.lower()]
+    node.touch()
+    assert f"{node} exists" in conftest.gpu_evidence(dev=node)
+
+    class Item:
+        def __init__(self, *marks):
+            self.keywords, self.markers = dict.fromkeys(marks, True), []
+
+        def add_marker(self, marker):
+            self.markers.append(marker.mark)
+
+    def skips(item):
+        return [m.kwargs["reason"] for m in item.markers if m.name == "skip"]
+
+    no_gpu, gpu, plain = Item("no_gpu"), Item("gpu"), Item()
+    conftest.apply_gpu_skips([no_gpu, gpu, plain], lambda: None, lambda: ("nvidia-smi lists GPU 0: NVIDIA L4",))
+    assert skips(no_gpu) == [
+        "checks the no-GPU path; this machine has an NVIDIA GPU stack: nvidia-smi lists GPU 0: NVIDIA L4"
+    ]
+    assert skips(gpu) == skips(plain) == []
+    no_gpu, gpu = Item("no_gpu"), Item("gpu")
+    conftest.apply_gpu_skips([no_gpu, gpu], lambda: "needs an NVIDIA GPU with TensorRT: no CUDA device", lambda: ())
+    assert skips(no_gpu) == [] and skips(gpu) == ["needs an NVIDIA GPU with TensorRT: no CUDA device"]
 
 
 def test_onnxruntime_tensorrt_provider_gets_the_same_profiles(tiny_artifacts):

@@ -250,5 +250,9 @@ def test_cli(int8, tiny_artifacts, capsys):
 
 
 def test_manifest_is_plain_json(int8):
-    data = json.loads((int8.out / "manifest.json").read_text())  # no NaN/Infinity sneaking in
+    def refuse(constant):
+        raise AssertionError(f"manifest.json holds {constant}, which is not JSON")
+
+    # Python's json reads NaN and Infinity unless told not to; other JSON readers refuse them.
+    data = json.loads((int8.out / "manifest.json").read_text(), parse_constant=refuse)
     assert data["components"]["unet"]["precision"] == "int8"

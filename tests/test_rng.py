@@ -37,7 +37,10 @@ def test_bad_seeds_and_kinds_are_refused():
 
 def test_numpy_generator_is_reproducible():
     a, b = make_generator(5, "numpy"), make_generator(5, "numpy")
-    np.testing.assert_array_equal(a((2, 3)), b((2, 3)))
+    first = a((2, 3))
+    np.testing.assert_array_equal(first, b((2, 3)))
+    assert not np.array_equal(first, make_generator(6, "numpy")((2, 3)))  # the seed decides the stream
+    assert not np.array_equal(first, a((2, 3)))  # and the stream moves on
 
 
 @pytest.mark.parametrize("kind", ["torch", "numpy"])

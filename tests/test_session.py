@@ -1,9 +1,11 @@
 """Sessions check every feed against the manifest's specs and say what was expected and what was given."""
 
+import re
+
 import numpy as np
 import pytest
 
-from sdrt.runtime import BackendError, InputError, Manifest
+from sdrt.runtime import BackendError, InputError, Manifest, Pipeline, backends
 from sdrt.runtime.backends import BACKENDS, LoadOptions, available, open_session
 from sdrt.runtime.session import check_feed
 
@@ -53,17 +55,60 @@ def test_check_feed_binds_sizes(tiny_artifacts):
     assert bound == {"batch": 4, "latent_height": 6, "latent_width": 10}
 
 
-def test_unknown_and_unavailable_backends(tiny_artifacts):
+def test_unknown_backends_are_named(tiny_artifacts):
     m = Manifest.load(tiny_artifacts, verify_hashes=False)
     with pytest.raises(InputError, match="backend: expected one of onnxruntime"):
         open_session(tiny_artifacts, m, m.components["unet"], "nope")
+
+
+@pytest.mark.no_gpu
+def test_gpu_backends_are_refused_without_a_gpu(tiny_artifacts):
+    m = Manifest.load(tiny_artifacts, verify_hashes=False)
     with pytest.raises(BackendError, match="backend='onnxruntime'"):
         open_session(tiny_artifacts, m, m.components["unet"], "tensorrt")
-    import onnxruntime as ort
+    fix = re.escape("pip uninstall -y onnxruntime && pip install 'sdrt[gpu]', which installs onnxruntime-gpu")
+    with pytest.raises(BackendError, match=f"lacks CUDAExecutionProvider.*{fix}"):
+        open_session(tiny_artifacts, m, m.components["unet"], "onnxruntime-cuda")
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(BackendError, match="install onnxruntime-gpu"):
-            open_session(tiny_artifacts, m, m.components["unet"], "onnxruntime-cuda")
+
+@pytest.mark.parametrize(
+    ("installed", "importable", "message"),
+    [
+        (
+            (("onnxruntime", "1.32.0"), ("onnxruntime-gpu", "1.32.0")),
+            True,
+            "onnxruntime: expected one onnxruntime distribution installed, got 2 (onnxruntime 1.32.0, onnxruntime-gpu "
+            "1.32.0), which overwrite each other's files in site-packages (pip uninstall -y onnxruntime "
+            "onnxruntime-gpu && pip install 'sdrt[cpu]', or 'sdrt[gpu]' on an NVIDIA machine)",
+        ),
+        (
+            (),
+            False,
+            "onnxruntime: expected one onnxruntime distribution installed, got none (pip install 'sdrt[cpu]' for the "
+            "CPU, or 'sdrt[gpu]' on an NVIDIA machine)",
+        ),
+    ],
+    ids=["both", "none"],
+)
+def test_onnxruntime_backends_refuse_both_builds_or_none(tiny_artifacts, monkeypatch, installed, importable, message):
+    """onnxruntime and onnxruntime-gpu install the same package folder: together they are an error, as is neither."""
+    m = Manifest.load(tiny_artifacts, verify_hashes=False)
+    monkeypatch.setattr(backends, "_ort_distributions", lambda: installed)
+    monkeypatch.setattr(backends, "_ort_importable", lambda: importable)
+    for name in ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"):
+        with pytest.raises(BackendError) as error:
+            open_session(tiny_artifacts, m, m.components["unet"], name)
+        assert str(error.value) == message, name
+    with pytest.raises(BackendError, match="expected one onnxruntime distribution"):
+        Pipeline.load(tiny_artifacts, verify_hashes=False)
+
+
+def test_one_onnxruntime_build_passes_the_check_once_per_process(monkeypatch):
+    assert len(backends._ort_distributions()) == 1  # this environment: the `cpu` extra's onnxruntime
+    backends.check_onnxruntime_install()
+    monkeypatch.setattr(backends, "_ort_importable", lambda: False)  # a distribution alone suffices
+    backends.check_onnxruntime_install()
+    assert backends._ort_distributions.cache_info().hits >= 1  # the metadata lookup is cached
 
 
 def test_pipeline_argument_errors(runtime_pipeline):
@@ -71,9 +116,12 @@ def test_pipeline_argument_errors(runtime_pipeline):
         runtime_pipeline("x", height=60, width=64, num_inference_steps=1)
     with pytest.raises(InputError, match="negative_prompt: expected 1 or 2 strings"):
         runtime_pipeline(["a", "b"], negative_prompt=["x", "y", "z"], height=64, width=64, num_inference_steps=1)
-    with pytest.raises(InputError, match=r"latents: expected float32 array of shape \(1, 4, 8, 8\)"):
+    with pytest.raises(
+        InputError,
+        match=r"latents: expected a float32 array of shape \(1, 4, 8, 8\), got a float32 array of shape \(1, 4, 8, 4\)",
+    ):
         runtime_pipeline("x", height=64, width=64, num_inference_steps=1, latents=np.zeros((1, 4, 8, 4), np.float32))
-    with pytest.raises(InputError, match="num_inference_steps: expected 1..1000, got 0"):
+    with pytest.raises(InputError, match=r"num_inference_steps: expected an integer in \[1, 1000\], got 0"):
         runtime_pipeline("x", height=64, width=64, num_inference_steps=0)
     with pytest.raises(InputError, match="prompt: expected a string"):
         runtime_pipeline([], height=64, width=64, num_inference_steps=1)
@@ -87,7 +135,11 @@ def test_registry_names_every_backend_once():
     for name, backend in BACKENDS.items():
         assert backend.name == name and backend.device in ("cpu", "gpu")
         reason = backend.unavailable_reason()
-        assert (name in available()) == (reason is None)
+        if reason is None:  # what the registry calls available passes the gate every session goes through
+            backends.check_usable(backend, "fp32")
+        else:  # and what it does not is refused there, with the same reason
+            with pytest.raises(BackendError, match=re.escape(reason)):
+                backends.check_usable(backend, "fp32")
 
 
 def test_precision_the_backend_lacks_is_refused(tiny_artifacts):
