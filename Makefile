@@ -9,6 +9,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # The open_clip_torch wheel carries CLIP's BPE vocabulary; only that data file is used (--no-deps).
 OPEN_CLIP ?= open_clip_torch==3.3.0
+# The project's extras. Exactly one onnxruntime build: cpu (onnxruntime) here, or on an NVIDIA machine
+# EXTRAS=gpu,export,bench,openvino,dev (onnxruntime-gpu, TensorRT); the two overwrite each other's files.
+EXTRAS ?= cpu,export,bench,openvino,dev
 
 MODEL ?=
 ifeq ($(strip $(MODEL)),)
@@ -49,14 +52,14 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate bench bench-report test test-slow test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE
+.PHONY: engines generate bench bench-report test test-slow soak test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[export,bench,openvino,dev]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/pip install --quiet --no-deps $(OPEN_CLIP)
 	touch $@
 
@@ -127,7 +130,11 @@ test: $(VENV)/.installed models/tiny-sd-optimum
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-# On an NVIDIA machine with `pip install -e '.[gpu]'` in the venv: engines for the tiny model,
+# One pipeline called from 8 threads x 50 requests (a quarter invalid) on the tiny model's artifacts.
+soak: engines
+	$(BIN)/python -m sdrt.benchmarks.soak --artifacts $(ARTIFACTS) $(SOAK_ARGS)
+
+# On an NVIDIA machine whose venv was made with EXTRAS=gpu,export,bench,openvino,dev: engines for the tiny model,
 # checked against onnxruntime. Elsewhere every test is skipped with the reason.
 test-gpu: $(VENV)/.installed
 	$(BIN)/python -m pytest -m gpu -rs $(PYTEST_ARGS)

@@ -230,7 +230,7 @@ def preprocess_mask(mask, height: int, width: int, *, multiple: int = 8) -> np.n
     arrays as 0/1, float arrays as they are. Values are binarized at 0.5 after resizing (NumPy arrays with torch's
     "nearest" rule). ``height``/``width`` are rounded down to a multiple of ``multiple``, as diffusers does.
     """
-    what = "mask"
+    what = "mask_image"
     multiple = _check_multiple(multiple)
     for name, value in (("height", height), ("width", width)):
         if value is None:

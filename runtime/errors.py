@@ -19,3 +19,7 @@ class BackendError(SdrtError):
 
 class ExportError(SdrtError):
     """Exporting or verifying a component failed."""
+
+
+class NumericalError(SdrtError):
+    """A component produced NaN or infinity (e.g. an fp16 graph overflowing): no image is returned."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -134,8 +135,8 @@ def _loaded_from_cache(compiled) -> bool:
 class OpenVINOSession:
     """One graph compiled for the CPU with one InferRequest, created once and reused by every ``run``.
 
-    A session is used by one thread at a time (as the pipeline does): concurrent ``run`` calls would
-    share that request and its output buffers. Open one session per thread to run in parallel.
+    Concurrent ``run`` calls are serialized by a lock: they would share that request and its output
+    buffers. (Each call already uses every core the session was given.)
     ``cache_dir`` keeps OpenVINO's compiled model there, keyed by the graph's content and the
     properties above, so the next session for the same graph and precision loads without compiling.
     After loading: ``precision`` (what the compiled model runs in, checked), ``load_seconds`` (read
@@ -181,6 +182,7 @@ class OpenVINOSession:
         self.precision = self._check_compiled_precision(compiled, precision)
         self.loaded_from_cache = config.get("CACHE_DIR") is not None and _loaded_from_cache(compiled)
         self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
         self._output_names = [self._names[o.name] for o in self.outputs]
         self.load_seconds = time.perf_counter() - start
         log.info(
@@ -209,7 +211,8 @@ class OpenVINOSession:
         try:
             # share_outputs=False copies each output into an array of its own: the request reuses its
             # output tensors on the next call, so views would change under the caller.
-            results = self._request.infer(graph_feed, share_inputs=False, share_outputs=False)
+            with self._lock:
+                results = self._request.infer(graph_feed, share_inputs=False, share_outputs=False)
         except RuntimeError as e:
             raise BackendError(f"openvino {self.name}: inference failed: {e}") from e
         return {o.name: results[name] for o, name in zip(self.outputs, self._output_names)}

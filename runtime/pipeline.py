@@ -20,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import backends, conditioning, families, schedulers
-from sdrt.runtime.errors import InputError
+from sdrt.runtime import backends, conditioning, families, schedulers, validation
+from sdrt.runtime.errors import InputError, NumericalError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.profiles import ShapeRanges
-from sdrt.runtime.rng import PrefetchingNoise, make_generator
+from sdrt.runtime.profiles import ShapeRanges, check_shapes
+from sdrt.runtime.rng import GENERATORS, PrefetchingNoise, make_generator
 from sdrt.runtime.session import Session
 from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,10 @@ class Pipeline:
         scheduler: str | None,
         precision: str = "fp32",
         load_timings: dict[str, float] | None = None,
+        limits: Limits | None = None,
     ):
         self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
+        self.limits = limits or Limits()  # what one call may ask for (sdrt.runtime.validation)
         self.precision = precision  # the compute precision the backend was asked for (fp32 unless told)
         self.load_timings = dict(load_timings or {})  # seconds: manifest check and each component's session
         self.family: Family = manifest.model_family
@@ -175,6 +178,7 @@ class Pipeline:
         precision: str = "fp32",
         cache: bool = True,
         components: tuple[str, ...] | list[str] | None = None,
+        limits: Limits | None = None,
     ) -> Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
         or an optimum ONNX export, on ``backend`` (see ``sdrt.runtime.backends``).
@@ -185,7 +189,8 @@ class Pipeline:
         under ``engines/``. ``trt_ranges``: the shape ranges onnxruntime's TensorRT provider builds its
         engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px). ``components``:
         open only these (the text encoders and the UNet always), e.g. no VAE decoder for an SDXL base that
-        hands latents to its refiner; a call that needs one not opened is refused, naming it."""
+        hands latents to its refiner; a call that needs one not opened is refused, naming it. ``limits``:
+        the most one call may ask for (images, steps, pixels; see ``sdrt.runtime.validation.Limits``)."""
         t_start = t0 = time.perf_counter()
         root = Path(artifacts)
         record = backends.get(backend)
@@ -210,7 +215,7 @@ class Pipeline:
             for session in sessions.values():
                 session.close()
             raise
-        pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings)
+        pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits)
         pipe.load_timings["total"] = time.perf_counter() - t_start
         return pipe
 
@@ -250,10 +255,10 @@ class Pipeline:
         denoising_end: float | None = None,
         output_type: str = "uint8",
         original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
+        crops_coords_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
         callback: StepCallback | None = None,
     ) -> GenerationResult:
         """Generate images; arguments as diffusers' pipelines for the model's family and the task.
@@ -274,35 +279,42 @@ class Pipeline:
         ``torch.Generator("cpu").manual_seed(seed)``, so the same seed gives diffusers' image; ``rng="numpy"``
         uses NumPy's PCG64 instead. ``latents`` replaces the initial noise draw. ``scheduler`` overrides the
         model's sampler by name (see ``sdrt.runtime.schedulers``).
+
+        Every argument is checked before anything the size of an image is allocated: a bad one raises
+        ``InputError`` naming it, a request beyond ``self.limits`` raises ``BudgetError``, and a component
+        whose output holds NaN or infinity raises ``NumericalError`` (never a black image). One pipeline
+        may be called from many threads; each call's result equals what it would be alone.
         """
         t_start = time.perf_counter()
         timings: dict = {}
-        defaults = self.family.defaults(self.dims, _task(image, mask_image))
-        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if output_type != "latent" and "vae_decoder" not in self.sessions:
-            raise InputError(
-                "output_type: images need the VAE decoder, which this pipeline was loaded without; "
-                "load it (components=) or ask for output_type='latent'"
-            )
+        task = _task(image, mask_image)
+        defaults = self.family.defaults(self.dims, task)
+        if num_inference_steps is None:
+            num_inference_steps = defaults["num_inference_steps"]
+        if guidance_scale is None:
+            guidance_scale = defaults["guidance_scale"]
+        micro = {
+            "original_size": original_size,
+            "crops_coords_top_left": crops_coords_top_left,
+            "target_size": target_size,
+            "aesthetic_score": aesthetic_score,
+            "negative_aesthetic_score": negative_aesthetic_score,
+        }
+        self._check_scalars(
+            num_inference_steps, guidance_scale, num_images_per_prompt, seed, eta, scheduler, rng, output_type,
+            callback, micro,
+        )  # fmt: skip
         request = self._request(
             prompt, negative_prompt, image, mask_image, strength, height, width, guidance_scale,
-            num_images_per_prompt, denoising_start, denoising_end, original_size, crops_coords_top_left,
-            target_size, aesthetic_score, negative_aesthetic_score,
+            num_images_per_prompt, denoising_start, denoising_end, micro,
         )  # fmt: skip
         sched = self.scheduler if scheduler is None else schedulers.from_config(self.scheduler_config, scheduler)
         run, steps = self.schedule(sched, num_inference_steps, request, eta)
         shape = self.latent_shape(request.batch, request.height, request.width)
         if latents is not None:
-            latents = np.asarray(latents)
-            if latents.shape != shape or latents.dtype != np.float32:
-                raise InputError(
-                    f"latents: expected float32 array of shape {shape}, got {latents.dtype} {latents.shape}"
-                )
             if request.task == "image-to-image":
                 raise InputError("latents: image-to-image noises the encoded image; give a seed instead of latents")
+            latents = validation.finite_array("latents", latents, shape=shape)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**63)
         generator = make_generator(seed, rng)
@@ -324,24 +336,63 @@ class Pipeline:
         return GenerationResult(images=images, seed=seed, timings=timings)
 
     # -- checking the request ----------------------------------------------------------------------
+    def _check_scalars(
+        self, steps, guidance_scale, images_per_prompt, seed, eta, scheduler, rng, output_type, callback, micro
+    ) -> None:
+        """The arguments that are single values: types, finiteness, ranges; before anything is computed."""
+        v, limits = validation, self.limits
+        v.integer("num_inference_steps", steps, low=1, high=limits.max_steps)
+        v.number("guidance_scale", guidance_scale, hint=" (guidance applies above 1.0; 1.0 turns it off)")
+        v.integer("num_images_per_prompt", images_per_prompt, low=1, high=limits.max_images)
+        if seed is not None:
+            v.integer("seed", seed, low=0, high=2**64 - 1)
+        v.number("eta", eta, low=0.0)
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise InputError(f"scheduler: expected a scheduler name (str) or None, got {scheduler!r}")
+        v.choice("rng", rng, GENERATORS)
+        v.choice("output_type", output_type, OUTPUT_TYPES)
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback: expected a callable (steps done, total) or None, got {callback!r}")
+        if output_type != "latent" and "vae_decoder" not in self.sessions:
+            raise InputError(
+                "output_type: images need the VAE decoder, which this pipeline was loaded without; "
+                "load it (components=) or ask for output_type='latent'"
+            )
+        takes = {
+            "sdxl": ("original_size", "crops_coords_top_left", "target_size"),
+            "refiner": ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score"),
+        }.get(self.family.micro_conditioning or "", ())
+        for name, value in micro.items():
+            if value is None:
+                continue
+            if name not in takes:
+                applies = (
+                    "SDXL base" if name == "target_size" else "the SDXL refiner" if "aesthetic" in name else "SDXL"
+                )
+                raise InputError(f"{name}: applies to {applies} models, got {value!r} for a {self.family.name} model")
+            if name.endswith("score"):
+                v.number(name, value)
+            else:
+                v.pair(name, value, low=0 if name == "crops_coords_top_left" else 1)
+
     def _request(
         self, prompt, negative_prompt, image, mask_image, strength, height, width, guidance_scale,
-        images_per_prompt, denoising_start, denoising_end, original_size, crops, target_size, score, negative_score,
+        images_per_prompt, denoising_start, denoising_end, micro,
     ) -> Request:  # fmt: skip
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
-        if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
-            raise InputError(f"num_images_per_prompt: expected an integer >= 1, got {images_per_prompt!r}")
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
-            raise InputError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+        prompts = validation.prompts("prompt", prompt)
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-            if value is not None and not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
-                raise InputError(f"{name}: expected a fraction of the schedule in (0, 1), got {value!r}")
+            if value is not None:
+                validation.number(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
             raise InputError(
                 f"denoising_start: expected less than denoising_end ({denoising_end}), got {denoising_start}"
             )
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                validation.integer(
+                    name, value, low=self.manifest.spatial_multiple,
+                    hint=f" (a multiple of {self.manifest.spatial_multiple} pixels, or None for the default)",
+                )  # fmt: skip
         task = _task(image, mask_image)
         if mask_image is not None and image is None:
             raise InputError("mask_image: inpainting needs the image to repaint too (image=...), got only the mask")
@@ -373,11 +424,23 @@ class Pipeline:
         elif task == "image-to-image":
             strength = self.family.default_strength if strength is None else strength
         elif strength is not None:
-            raise InputError(f"strength: applies to image-to-image and inpainting (give image=), got {strength}")
+            raise InputError(f"strength: applies to image-to-image and inpainting (give image=), got {strength!r}")
         else:
             strength = 1.0
-        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
-            raise InputError(f"strength: expected a value in (0, 1], got {strength!r}")
+        strength = validation.number("strength", strength, low=0.0, high=1.0, low_open=True)
+        negatives = (
+            None
+            if negative_prompt is None
+            else validation.prompts("negative_prompt", negative_prompt, count=len(prompts))
+        )
+        batch = len(prompts) * images_per_prompt
+        default_h, default_w = self.manifest.default_height, self.manifest.default_width
+        if task == "image-to-image" and (height is None or width is None):
+            own = _own_size(image, self.dims.vae_scale_factor)  # read from the header: nothing decoded yet
+            if own is not None:
+                self.limits.check(self.dims.vae_kind, batch, height or own[0], width or own[1])
+        else:  # the output size is known before any image is read: refuse an oversized request first
+            self.limits.check(self.dims.vae_kind, batch, height or default_h, width or default_w)
 
         pixels = None
         if task != "text-to-image":
@@ -387,29 +450,50 @@ class Pipeline:
             else:  # latents
                 height = pixels.shape[2] * self.dims.vae_scale_factor
                 width = pixels.shape[3] * self.dims.vae_scale_factor
-        height = height or self.manifest.default_height
-        width = width or self.manifest.default_width
+        height = default_h if height is None else height
+        width = default_w if width is None else width
         self.latent_shape(1, height, width)  # checks the size
+        self.limits.check(self.dims.vae_kind, batch, height, width)
+        self._check_profiles(batch, height, width, guidance_scale > 1.0 and not self.dims.time_cond_dim)
         mask = conditioning.preprocess_mask(mask_image, height, width) if task == "inpainting" else None
 
         guided = guidance_scale > 1.0 and not self.dims.time_cond_dim
-        negatives = _negative_prompts(negative_prompt, len(prompts))
-        if negative_prompt is None and self.manifest.pipeline_options.get("force_zeros_for_empty_prompt"):
-            negatives = None
-        micro = {}
+        if negatives is None:
+            negatives = [""] * len(prompts)
+            if self.manifest.pipeline_options.get("force_zeros_for_empty_prompt"):
+                negatives = None
+        request_micro = {}
         if self.family.micro_conditioning:
             size = (height, width)
-            micro = {
-                "original_size": _pair(original_size or size, "original_size"),
-                "crops_coords_top_left": _pair(crops, "crops_coords_top_left"),
-                "target_size": _pair(target_size or size, "target_size"),
-                "aesthetic_score": float(score),
-                "negative_aesthetic_score": float(negative_score),
+            request_micro = {
+                "original_size": tuple(micro["original_size"] or size),
+                "crops_coords_top_left": tuple(micro["crops_coords_top_left"] or (0, 0)),
+                "target_size": tuple(micro["target_size"] or size),
+                "aesthetic_score": 6.0 if micro["aesthetic_score"] is None else float(micro["aesthetic_score"]),
+                "negative_aesthetic_score": 2.5
+                if micro["negative_aesthetic_score"] is None
+                else float(micro["negative_aesthetic_score"]),
             }
         return Request(
             prompts, negatives, images_per_prompt, height, width, task, guided, float(guidance_scale),
-            pixels, mask, float(strength), denoising_start, denoising_end, micro,
+            pixels, mask, strength, denoising_start, denoising_end, request_micro,
         )  # fmt: skip
+
+    def _check_profiles(self, batch: int, height: int, width: int, guided: bool) -> None:
+        """Refuse, before any work, a size outside an engine's optimization profile (TensorRT sessions
+        carry one; the onnxruntime and OpenVINO graphs take any size)."""
+        f = self.dims.vae_scale_factor
+        lh, lw = height // f, width // f
+        wanted = {
+            "unet": {"sample": (batch * (2 if guided else 1), self.dims.unet_in_channels, lh, lw)},
+            "vae_decoder": {"latent": (batch, self.dims.latent_channels, lh, lw)},
+            "vae_encoder": {"image": (batch, 3, height, width)},
+        }
+        for name, shapes in wanted.items():
+            profile = getattr(self.sessions.get(name), "profile", None)
+            if profile:
+                graph = self.manifest.components[name].graph_names
+                check_shapes(name, profile, {graph.get(k, k): v for k, v in shapes.items()})
 
     def _image(self, image, height, width, task) -> np.ndarray:
         """The image as the VAE encoder takes it, or latents given as the image (SDXL's base-to-refiner handoff)."""
@@ -419,7 +503,7 @@ class Pipeline:
                     f"image: latents (float32, {self.dims.latent_channels} channels) are taken for image-to-image "
                     f"only, got {image.dtype} {image.shape} for {task}"
                 )
-            return image
+            return validation.finite_array("image", image)
         multiple = self.dims.vae_scale_factor
         if task == "inpainting":  # diffusers' inpainting resizes to the requested (or default) size
             height = height or self.manifest.default_height
@@ -473,6 +557,7 @@ class Pipeline:
         hidden, pooled = [], None
         for role in roles:
             out = self.sessions[role.component].run({"input_ids": self.tokenizers[role.tokenizer](texts)})
+            self._check_finite(role.component, out)
             hidden.append(out[role.hidden_output])
             if role.pooled_output:
                 pooled = out[role.pooled_output]
@@ -551,6 +636,7 @@ class Pipeline:
         if image.shape[1] == self.dims.latent_channels:
             return image
         out = self.sessions["vae_encoder"].run({"image": image.astype(np.float32, copy=False)})
+        self._check_finite("vae_encoder", out)
         if self.dims.vae_kind == "tiny":  # AutoencoderTiny encodes to latents: nothing to sample
             latents = out["latent"]
         else:  # diffusers' DiagonalGaussianDistribution.sample
@@ -558,6 +644,29 @@ class Pipeline:
             std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
             latents = mean + std * generator.randn(mean.shape)
         return (np.float32(self.manifest.vae_scaling_factor) * latents).astype(np.float32, copy=False)
+
+    def _check_finite(self, component: str, outputs: dict[str, np.ndarray], where: str = "") -> None:
+        """NumericalError naming the component, the step and the fix when an output holds NaN or infinity
+        (an fp16 graph overflowing is the usual cause: diffusers would return a black image)."""
+        for name, value in outputs.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+                graph = self.manifest.components[component].precision
+                if graph.startswith("fp16") or self.precision != "fp32":
+                    fix = (
+                        f"the graph is {graph}, computed in {self.precision}: fp16/bf16 overflow is the usual cause; "
+                        f"re-export it in fp32 (sdrt export --component-precision {component}=fp32) or load with "
+                        "precision='fp32'"
+                    )
+                else:
+                    fix = (
+                        f"the graph is {graph}: check the inputs' scale (latents, guidance_scale) and the "
+                        "artifacts (re-export)"
+                    )
+                raise NumericalError(
+                    f"{component}{where}: expected finite values in output {name!r}, got {bad} NaN or infinite of "
+                    f"{value.size} ({fix}); no image was returned"
+                )
 
     @staticmethod
     def _tile(x: np.ndarray, batch: int) -> np.ndarray:
@@ -585,6 +694,8 @@ class Pipeline:
                 t = np.full((x.shape[0],), run.timesteps[i], dtype=np.float32)
                 times.mark("prepare")
                 pred = unet.run({"sample": x, "timestep": t, **cond.feed})["out_sample"]
+                if not np.isfinite(pred).all():
+                    self._check_finite("unet", {"out_sample": pred}, f" at step {i + 1} of {steps} (timestep {t[0]:g})")
                 times.mark("unet")
                 if request.guided:
                     uncond, text = np.split(pred, 2)
@@ -607,27 +718,29 @@ class Pipeline:
         """Latents -> float images in [0, 1], NHWC."""
         scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
         image = self.sessions["vae_decoder"].run({"latent": scaled})["image"]
+        self._check_finite("vae_decoder", {"image": image})
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def _own_size(image, vae_scale_factor: int) -> tuple[int, int] | None:
+    """The pixel size an image argument has, without decoding it (None where it cannot be told)."""
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if isinstance(first, np.ndarray):
+        if first.ndim == 4 and first.shape[1] not in (1, 3) and first.shape[-1] not in (1, 3):  # latents
+            return first.shape[2] * vae_scale_factor, first.shape[3] * vae_scale_factor
+        return (first.shape[-3], first.shape[-2]) if first.ndim in (3, 4) else None
+    if isinstance(first, (str, Path)):
+        from PIL import Image
+
+        try:
+            with Image.open(first) as opened:  # reads the header only
+                width, height = opened.size
+        except Exception:  # unreadable: preprocess_image says so, naming the file
+            return None
+        return height, width
+    size = getattr(first, "size", None)  # a PIL image
+    return (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
 
 
 def _task(image, mask_image) -> str:
     return "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    try:
-        a, b = value
-        return int(a), int(b)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}: expected a pair of integers (height, width) or (top, left), got {value!r}") from None
-
-
-def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * n
-    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) == 1 and n > 1:
-        negatives = negatives * n
-    if len(negatives) != n or not all(isinstance(x, str) for x in negatives):
-        raise InputError(f"negative_prompt: expected 1 or {n} strings (one per prompt), got {negative_prompt!r}")
-    return negatives

@@ -100,8 +100,8 @@ class OrtSession:
         if missing:
             raise BackendError(
                 f"onnxruntime providers: expected {list(providers)}, this onnxruntime "
-                f"({ort.__version__}) has {ort.get_available_providers()} (install onnxruntime-gpu, "
-                "or use backend='onnxruntime' for the CPU)"
+                f"({ort.__version__}) has {ort.get_available_providers()} (on an NVIDIA machine: pip uninstall -y "
+                "onnxruntime onnxruntime-gpu && pip install 'sdrt[gpu]'; or use backend='onnxruntime' for the CPU)"
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -125,7 +125,13 @@ class OrtSession:
         chosen: list = list(providers)
         if provider_options:  # options for the first provider (TensorRT's profiles and caches)
             chosen[0] = (providers[0], provider_options)
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise ArtifactError(
+                f"{path}: expected an ONNX graph onnxruntime {ort.__version__} can load, got: {e} "
+                "(re-run the export if the file is damaged)"
+            ) from e
         self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
         self._scalars = set(component.scalar_inputs)
         check_graph_inputs(

@@ -15,6 +15,7 @@ one exists. The decisions it relies on (profiles, device keys, staleness) live i
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,12 +145,18 @@ class TensorRTSession:
             self._context.set_tensor_address(name, int(self._buffers[name]))
         self._use_cuda_graph = use_cuda_graph and all(lo == hi for lo, _, hi in self.profile.values())
         self._graph_exec = None
+        # One context, stream and set of device buffers: concurrent calls take turns.
+        self._lock = threading.Lock()
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cudart, stream = self._cudart, self._stream
         check_feed(self.name, self.inputs, feed)
         feed = to_graph_feed(self.name, self._names, self._scalars, feed)
         check_shapes(self.name, self.profile, {k: v.shape for k, v in feed.items()})
+        with self._lock:
+            return self._run(feed)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart, stream = self._cudart, self._stream
         kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         hosts = []

@@ -206,19 +206,19 @@ def test_float_masks_are_binarized_at_one_half_whatever_their_range():
 @pytest.mark.parametrize(
     "value, message",
     [
-        (np.zeros((1, 8, 8, 3)), r"^mask: expected one channel in the last axis of an NHWC mask"),
-        ([np.zeros((2, 8, 8))], r"^mask: expected list items of shape HW, HW1 or NHW1 \(a list of masks\) \(one"),
-        (np.zeros((8,)), r"^mask: expected a NumPy array of shape HW, HW1, NHW or NHW1, got a float64 array"),
-        (np.full((8, 8), np.nan), r"^mask: expected finite values"),
-        (np.zeros((8, 8), np.int32), r"^mask: expected a uint8 \(0..255\), boolean or floating-point array"),
-        ([np.zeros((8, 8)), np.zeros((8, 16))], r"^mask: expected every array .* got 8x8, 8x16"),
-        ("/nonexistent/mask.png", r"^mask: expected a readable image file"),
+        (np.zeros((1, 8, 8, 3)), r"^mask_image: expected one channel in the last axis of an NHWC mask"),
+        ([np.zeros((2, 8, 8))], r"^mask_image: expected list items of shape HW, HW1 or NHW1 \(a list of masks\) \(one"),
+        (np.zeros((8,)), r"^mask_image: expected a NumPy array of shape HW, HW1, NHW or NHW1, got a float64 array"),
+        (np.full((8, 8), np.nan), r"^mask_image: expected finite values"),
+        (np.zeros((8, 8), np.int32), r"^mask_image: expected a uint8 \(0..255\), boolean or floating-point array"),
+        ([np.zeros((8, 8)), np.zeros((8, 16))], r"^mask_image: expected every array .* got 8x8, 8x16"),
+        ("/nonexistent/mask.png", r"^mask_image: expected a readable image file"),
     ],
 )
 def test_bad_masks_are_named(value, message):
     with pytest.raises(InputError, match=message):
         c.preprocess_mask(value, 8, 8)
-    with pytest.raises(InputError, match=r"^mask height: expected a positive integer \(the image's\), got None"):
+    with pytest.raises(InputError, match=r"^mask_image height: expected a positive integer \(the image's\), got None"):
         c.preprocess_mask(np.zeros((8, 8)), None, 8)
 
 

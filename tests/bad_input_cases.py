@@ -1,0 +1,192 @@
+"""Bad requests and damaged artifacts, each with the error sdrt must give; tests/test_bad_inputs.py runs every
+case, and ``python tests/bad_input_cases.py docs/bad-inputs.md`` writes the table of what each one gets.
+
+A call case is keyword arguments for ``Pipeline.__call__`` on the tiny model (text-to-image unless it gives
+``image=``); ``{tmp}`` in a string is replaced by a scratch folder holding ``not-an-image.png`` (text) and
+``tiny.png`` (4x4 pixels). An artifact case names a fault made in a copy of the tiny model's artifacts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sdrt.runtime.errors import ArtifactError, BackendError, InputError
+from sdrt.runtime.validation import BudgetError
+
+NAN, INF = float("nan"), float("inf")
+LATENT = (1, 4, 32, 32)  # the tiny model's latents at its default 256x256
+
+
+def _image(value: float = 0.5, size: int = 64, dtype=np.float32) -> np.ndarray:
+    return np.full((size, size, 3), value, dtype=dtype)
+
+
+def _nan_image() -> np.ndarray:
+    image = _image()
+    image[3, 4, 1] = np.nan
+    return image
+
+
+@dataclass(frozen=True)
+class CallCase:
+    id: str
+    kwargs: dict
+    error: type
+    says: str  # a fragment the message must contain
+    before: str = ""  # what this input did before the runtime checked it (the issue's findings), for the table
+
+
+def _latents(fill: float = 0.0, shape=LATENT, dtype=np.float32) -> np.ndarray:
+    return np.full(shape, fill, dtype=dtype)
+
+
+# fmt: off
+CALL_CASES = [
+    # -- the seven the issue found --------------------------------------------------------------
+    CallCase("height=width=65536", dict(height=65536, width=65536), BudgetError, "pixels per call",
+             "the process was killed by the kernel's OOM killer"),
+    CallCase("width=0", dict(width=0), InputError, "width: expected an integer >= 16",
+             "silently replaced by the default width"),
+    CallCase("guidance_scale=nan", dict(guidance_scale=NAN), InputError, "guidance_scale: expected a finite number",
+             "an image returned"),
+    CallCase("guidance_scale=inf", dict(guidance_scale=INF), InputError, "guidance_scale: expected a finite number",
+             "an image returned"),
+    CallCase("latents all NaN", dict(latents=_latents(NAN)), InputError, "latents: expected finite values",
+             "an image returned"),
+    CallCase("prompt=None", dict(prompt=None), InputError, "prompt: expected a string or a non-empty list",
+             "a bare TypeError from deep inside"),
+    CallCase("prompt=123", dict(prompt=123), InputError, "prompt: expected a string or a non-empty list",
+             "a bare TypeError from deep inside"),
+    # -- prompt, negative_prompt ----------------------------------------------------------------
+    CallCase("prompt=[]", dict(prompt=[]), InputError, "prompt: expected a string or a non-empty list"),
+    CallCase("prompt=['ok', 5]", dict(prompt=["ok", 5]), InputError, "prompt: expected a string or a non-empty"),
+    CallCase("prompt=b'bytes'", dict(prompt=b"a cat"), InputError, "prompt: expected a string"),
+    CallCase("negative_prompt=3", dict(negative_prompt=3), InputError, "negative_prompt: expected a string or 1"),
+    CallCase("2 negatives for 1 prompt", dict(negative_prompt=["a", "b"]), InputError,
+             "negative_prompt: expected 1 or 1 strings"),
+    # -- height, width --------------------------------------------------------------------------
+    CallCase("height=-64", dict(height=-64), InputError, "height: expected an integer >= 16"),
+    CallCase("height=72 (not a multiple)", dict(height=72), InputError, "height: expected a positive multiple of 16"),
+    CallCase("height=64.0 (float)", dict(height=64.0), InputError, "height: expected an integer >= 16"),
+    CallCase("width=True (bool)", dict(width=True), InputError, "width: expected an integer >= 16"),
+    CallCase("height='64'", dict(height="64"), InputError, "height: expected an integer >= 16"),
+    # -- steps, images, guidance ----------------------------------------------------------------
+    CallCase("num_inference_steps=0", dict(num_inference_steps=0), InputError,
+             "num_inference_steps: expected an integer in [1, 1000]"),
+    CallCase("num_inference_steps=2.5", dict(num_inference_steps=2.5), InputError,
+             "num_inference_steps: expected an integer"),
+    CallCase("num_inference_steps=10**6", dict(num_inference_steps=10**6), InputError,
+             "num_inference_steps: expected an integer in [1, 1000]"),
+    CallCase("num_images_per_prompt=0", dict(num_images_per_prompt=0), InputError,
+             "num_images_per_prompt: expected an integer in [1, 64]"),
+    CallCase("num_images_per_prompt=10**6", dict(num_images_per_prompt=10**6), InputError,
+             "num_images_per_prompt: expected an integer in [1, 64]"),
+    CallCase("64 images of 2048x2048", dict(num_images_per_prompt=64, height=2048, width=2048), BudgetError,
+             "pixels per call"),
+    CallCase("65 prompts", dict(prompt=["a"] * 65), BudgetError, "images per call: expected at most 64"),
+    CallCase("guidance_scale='7.5'", dict(guidance_scale="7.5"), InputError, "guidance_scale: expected a finite"),
+    CallCase("guidance_scale=True", dict(guidance_scale=True), InputError, "guidance_scale: expected a finite"),
+    # -- seed, latents, eta, scheduler, rng -----------------------------------------------------
+    CallCase("seed=-1", dict(seed=-1), InputError, "seed: expected an integer in [0, 18446744073709551615]"),
+    CallCase("seed=2**64", dict(seed=2**64), InputError, "seed: expected an integer in [0,"),
+    CallCase("seed=1.5", dict(seed=1.5), InputError, "seed: expected an integer"),
+    CallCase("seed='42'", dict(seed="42"), InputError, "seed: expected an integer"),
+    CallCase("latents with inf", dict(latents=_latents(INF)), InputError, "latents: expected finite values"),
+    CallCase("latents of the wrong shape", dict(latents=_latents(shape=(1, 4, 16, 16))), InputError,
+             "latents: expected a float32 array of shape (1, 4, 32, 32)"),
+    CallCase("latents float64", dict(latents=_latents(dtype=np.float64)), InputError,
+             "latents: expected a float32 array"),
+    CallCase("latents as a list", dict(latents=[[0.0]]), InputError, "latents: expected a NumPy array"),
+    CallCase("eta=nan", dict(eta=NAN), InputError, "eta: expected a finite number >= 0"),
+    CallCase("eta=-1", dict(eta=-1.0), InputError, "eta: expected a finite number >= 0"),
+    CallCase("scheduler='nope'", dict(scheduler="nope"), InputError, "scheduler: expected one of"),
+    CallCase("scheduler=123", dict(scheduler=123), InputError, "scheduler: expected a scheduler name"),
+    CallCase("rng='mt'", dict(rng="mt"), InputError, "rng: expected one of torch, numpy"),
+    # -- schedule fractions, output -------------------------------------------------------------
+    CallCase("denoising_end=1.5", dict(denoising_end=1.5), InputError, "denoising_end: expected a finite number in (0, 1)"),
+    CallCase("denoising_end=nan", dict(denoising_end=NAN), InputError, "denoising_end: expected a finite number"),
+    CallCase("denoising_start without image", dict(denoising_start=0.5), InputError,
+             "denoising_start: expected with image="),
+    CallCase("denoising_start >= denoising_end", dict(image=_image(), denoising_start=0.8, denoising_end=0.5),
+             InputError, "denoising_start: expected less than denoising_end"),
+    CallCase("output_type='pil'", dict(output_type="pil"), InputError, "output_type: expected one of uint8, latent"),
+    CallCase("callback=5", dict(callback=5), InputError, "callback: expected a callable"),
+    # -- SDXL-only arguments on an SD model ----------------------------------------------------
+    CallCase("original_size on SD 1.x", dict(original_size=(1024, 1024)), InputError,
+             "original_size: applies to SDXL models"),
+    CallCase("aesthetic_score on SD 1.x", dict(aesthetic_score=6.0), InputError,
+             "aesthetic_score: applies to the SDXL refiner models"),
+    # -- image, mask_image, strength ------------------------------------------------------------
+    CallCase("strength without image", dict(strength=0.5), InputError, "strength: applies to image-to-image"),
+    CallCase("strength=0", dict(image=_image(), strength=0), InputError, "strength: expected a finite number in (0, 1]"),
+    CallCase("strength=1.5", dict(image=_image(), strength=1.5), InputError, "strength: expected a finite number in (0, 1]"),
+    CallCase("strength=nan", dict(image=_image(), strength=NAN), InputError, "strength: expected a finite number"),
+    CallCase("image=123", dict(image=123), InputError, "image: expected a PIL image, a path"),
+    CallCase("image=[]", dict(image=[]), InputError, "image: expected an image or a non-empty list"),
+    CallCase("image path missing", dict(image="{tmp}/missing.png"), InputError,
+             "image: expected a readable image file"),
+    CallCase("image path not an image", dict(image="{tmp}/not-an-image.png"), InputError,
+             "image: expected a readable image file"),
+    CallCase("image of 4x4 pixels", dict(image="{tmp}/tiny.png"), InputError, "height: expected at least 8"),
+    CallCase("image with NaN", dict(image=_nan_image()), InputError, "image: expected finite values"),
+    CallCase("image float values > 1", dict(image=_image(2.0)), InputError, "image: expected float values in [0, 1]"),
+    CallCase("image of 1 dimension", dict(image=np.zeros(3, np.float32)), InputError, "image: expected"),
+    CallCase("image with height=2**20", dict(image=_image(), height=2**20), BudgetError, "pixels per call"),
+    CallCase("image latents with NaN", dict(image=_latents(NAN)), InputError, "image: expected finite values"),
+    CallCase("mask_image without image", dict(mask_image=_image()[..., 0]), InputError,
+             "mask_image: inpainting needs the image"),
+    CallCase("mask_image=1.5", dict(image=_image(), mask_image=1.5), InputError, "mask_image: expected"),
+    CallCase("mask_image with NaN", dict(image=_image(), mask_image=_nan_image()[..., 1:2]), InputError,
+             "mask_image: expected finite values"),
+]
+# fmt: on
+
+
+@dataclass(frozen=True)
+class ArtifactCase:
+    id: str
+    error: type
+    says: str
+    load: dict = field(default_factory=dict)  # extra Pipeline.load arguments
+
+
+# The faults themselves are made by tests/test_bad_inputs.py (FAULTS), keyed by these ids.
+ARTIFACT_CASES = [
+    ArtifactCase("no manifest.json", ArtifactError, "manifest.json"),
+    ArtifactCase("manifest.json not JSON", ArtifactError, "expected JSON"),
+    ArtifactCase("manifest schema newer than the runtime", ArtifactError, "expected schema_version"),
+    ArtifactCase("graph file missing", ArtifactError, "expected a file listed in the manifest"),
+    ArtifactCase("graph file changed (hash)", ArtifactError, "sha256"),
+    ArtifactCase("graph file truncated, hashes not checked", ArtifactError, "unet", {"verify_hashes": False}),
+    ArtifactCase("file path escaping the folder (../)", ArtifactError, ".."),
+    ArtifactCase("external data at an absolute path", ArtifactError, "/etc/hostname"),
+    ArtifactCase("external data outside the folder (../)", ArtifactError, "../outside.bin"),
+    ArtifactCase("unknown model family", ArtifactError, "family"),
+    ArtifactCase("scheduler config missing", ArtifactError, "scheduler_config.json"),
+    ArtifactCase("tokenizer missing", ArtifactError, "tokenizer"),
+    ArtifactCase("backend='nope'", InputError, "backend: expected one of", {"backend": "nope"}),
+    ArtifactCase("bf16 on onnxruntime's CPU provider", BackendError, "precision", {"precision": "bf16"}),
+]
+
+
+def call_kwargs(case: CallCase, tmp) -> dict:
+    kwargs = {"prompt": "a photo", "num_inference_steps": 2, "seed": 0}
+    for key, value in case.kwargs.items():
+        kwargs[key] = value.replace("{tmp}", str(tmp)) if isinstance(value, str) else value
+    return kwargs
+
+
+def make_scratch(tmp) -> None:
+    from PIL import Image
+
+    (tmp / "not-an-image.png").write_text("this is text, not a PNG")
+    Image.new("RGB", (4, 4)).save(tmp / "tiny.png")
+
+
+if __name__ == "__main__":  # writes the table: python tests/bad_input_cases.py docs/bad-inputs.md
+    import sys
+
+    print("run `.venv/bin/pytest tests/test_bad_inputs.py --write-table docs/bad-inputs.md`", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,226 @@
+"""Every bad request and damaged artifact in tests/bad_input_cases.py gets its error, from sdrt's own types,
+before any component runs and without allocating more than a few MB; the process goes on serving.
+
+``SDRT_WRITE_TABLE=docs/bad-inputs.md pytest tests/test_bad_inputs.py`` also writes the table of cases and
+the message each one got (the README links it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bad_input_cases import ARTIFACT_CASES, CALL_CASES, call_kwargs, make_scratch
+
+from sdrt.runtime import Pipeline
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import MANIFEST_NAME
+
+ALLOCATION_LIMIT = 4 * 2**20  # bytes a refused request may allocate (traced by tracemalloc, NumPy included)
+RESULTS: dict[str, tuple[str, str, str]] = {}  # table rows: id -> (label, exception, message)
+
+
+class CountingSession:
+    """A session that counts its runs, so a test can tell a request was refused before any work."""
+
+    def __init__(self, inner, counter: list[int]):
+        self._inner, self._counter = inner, counter
+        self.name, self.inputs, self.outputs = inner.name, inner.inputs, inner.outputs
+
+    def run(self, feed):
+        self._counter[0] += 1
+        return self._inner.run(feed)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.fixture(scope="module")
+def counted(tiny_artifacts):
+    runs = [0]
+    with Pipeline.load(tiny_artifacts) as pipe:
+        pipe.sessions = {k: CountingSession(v, runs) for k, v in pipe.sessions.items()}
+        yield pipe, runs
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    make_scratch(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_table():
+    yield
+    out = os.environ.get("SDRT_WRITE_TABLE")
+    if out and RESULTS:
+        Path(out).write_text(_table())
+
+
+@pytest.mark.parametrize("case", CALL_CASES, ids=[c.id for c in CALL_CASES])
+def test_bad_call_is_refused_before_any_work(case, counted, scratch):
+    pipe, runs = counted
+    kwargs = call_kwargs(case, scratch)
+    before = runs[0]
+    tracemalloc.start()
+    try:
+        with pytest.raises(case.error) as info:
+            pipe(**kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert case.says in message, message
+    assert runs[0] == before, f"{case.id}: a component ran before the request was refused"
+    assert peak < ALLOCATION_LIMIT, f"{case.id}: {peak / 2**20:.1f} MiB allocated before refusing"
+    RESULTS[case.id] = (
+        f"{case.id} (before: {case.before})" if case.before else case.id,
+        type(info.value).__name__,
+        message,
+    )
+
+
+def test_pipeline_still_serves_after_every_refusal(counted, runtime_pipeline):
+    """The same pipeline object that refused every bad call above still returns the right image."""
+    pipe, _ = counted
+    got = pipe("a photo", num_inference_steps=2, seed=3).images
+    want = runtime_pipeline("a photo", num_inference_steps=2, seed=3).images
+    np.testing.assert_array_equal(got, want)
+
+
+# -- damaged artifacts ------------------------------------------------------------------------------
+def _manifest(root: Path) -> dict:
+    return json.loads((root / MANIFEST_NAME).read_text())
+
+
+def _save_manifest(root: Path, data: dict) -> None:
+    (root / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def _rerecord(root: Path, rel: str, new_rel: str | None = None) -> None:
+    """Rewrite the manifest's record of ``rel`` to match the file now there (a crafted, consistent artifact)."""
+    from sdrt.runtime.hashing import sha256_file
+
+    data = _manifest(root)
+    for component in data["components"].values():
+        for record in component["files"]:
+            if record["path"] == rel:
+                record["path"] = new_rel or rel
+                path = (root / record["path"]).resolve()
+                record["sha256"], record["bytes"] = sha256_file(path), path.stat().st_size
+    _save_manifest(root, data)
+
+
+def _external(root: Path, location: str) -> None:
+    """The text encoder's largest weight moved to external data at ``location``."""
+    import onnx
+
+    path = root / "onnx" / "text_encoder.onnx"
+    model = onnx.load(str(path))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    data = tensor.raw_data
+    if not location.startswith("/"):
+        (path.parent / location).write_bytes(data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(data)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    _rerecord(root, "onnx/text_encoder.onnx")
+
+
+def _truncate(root: Path) -> None:
+    path = root / "onnx" / "unet.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _rerecord(root, "onnx/unet.onnx")
+
+
+def _escape(root: Path) -> None:
+    shutil.copy(root / "onnx" / "unet.onnx", root.parent / "unet.onnx")
+    _rerecord(root, "onnx/unet.onnx", "../unet.onnx")
+
+
+def _edit(**changes):
+    def fault(root: Path) -> None:
+        data = _manifest(root)
+        data.update(changes)
+        _save_manifest(root, data)
+
+    return fault
+
+
+FAULTS = {
+    "no manifest.json": lambda root: (root / MANIFEST_NAME).unlink(),
+    "manifest.json not JSON": lambda root: (root / MANIFEST_NAME).write_text("{not json"),
+    "manifest schema newer than the runtime": _edit(schema_version=99),
+    "graph file missing": lambda root: (root / "onnx" / "unet.onnx").unlink(),
+    "graph file changed (hash)": lambda root: (root / "onnx" / "unet.onnx").open("r+b").write(b"\0" * 64),
+    "graph file truncated, hashes not checked": _truncate,
+    "file path escaping the folder (../)": _escape,
+    "external data at an absolute path": lambda root: _external(root, "/etc/hostname"),
+    "external data outside the folder (../)": lambda root: _external(root, "../outside.bin"),
+    "unknown model family": _edit(family="sd9"),
+    "scheduler config missing": lambda root: (root / "scheduler" / "scheduler_config.json").unlink(),
+    "tokenizer missing": lambda root: shutil.rmtree(root / "tokenizer"),
+    "backend='nope'": lambda root: None,
+    "bf16 on onnxruntime's CPU provider": lambda root: None,
+}
+
+
+@pytest.mark.parametrize("case", ARTIFACT_CASES, ids=[c.id for c in ARTIFACT_CASES])
+def test_damaged_artifacts_are_refused(case, tiny_artifacts, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("engines"))
+    FAULTS[case.id](root)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SdrtError) as info:
+            Pipeline.load(root, **case.load).close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(info.value, case.error), f"{type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    assert case.says in message, message
+    assert peak < ALLOCATION_LIMIT, f"{case.id}: {peak / 2**20:.1f} MiB allocated before refusing"
+    RESULTS[case.id] = (f"artifacts: {case.id}", type(info.value).__name__, message.replace(str(tmp_path), "<tmp>"))
+
+
+def test_the_table_in_docs_lists_every_case():
+    table = (Path(__file__).parents[1] / "docs" / "bad-inputs.md").read_text()
+    rows = {line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")}
+    ids = {row.removeprefix("artifacts: ").split(" (before: ")[0] for row in rows}
+    missing = [c.id for c in (*CALL_CASES, *ARTIFACT_CASES) if c.id not in ids]
+    assert not missing, f"docs/bad-inputs.md lacks {missing}: regenerate it (see its first lines)"
+
+
+def test_every_case_has_a_fault():
+    assert sorted(FAULTS) == sorted(c.id for c in ARTIFACT_CASES)
+
+
+def _table() -> str:
+    lines = [
+        "# Bad inputs and the errors they get",
+        "",
+        "Generated by `SDRT_WRITE_TABLE=docs/bad-inputs.md .venv/bin/pytest tests/test_bad_inputs.py` on the tiny",
+        "model (256x256 default, sizes in multiples of 16); tests/test_bad_inputs.py checks every row: the error's",
+        "type and message, that no component ran before the refusal, and that under 4 MiB was allocated.",
+        "Budget figures depend on the machine's memory.",
+        "",
+        "| Input | Error | Message |",
+        "|---|---|---|",
+    ]
+    order = [c.id for c in CALL_CASES] + [c.id for c in ARTIFACT_CASES]
+    for case_id in order:
+        if case_id in RESULTS:
+            label, error, message = RESULTS[case_id]
+            cell = message.replace("|", "\\|")
+            lines.append(f"| {label} | `{error}` | {cell} |")
+    return "\n".join(lines) + "\n"
