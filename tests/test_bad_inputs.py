@@ -224,3 +224,42 @@ def _table() -> str:
             cell = message.replace("|", "\\|")
             lines.append(f"| {label} | `{error}` | {cell} |")
     return "\n".join(lines) + "\n"
+
+
+# -- NaN from a component ---------------------------------------------------------------------------
+class PoisonedSession(CountingSession):
+    """A session whose ``poison``-th run returns NaN in every output (an fp16 overflow, simulated)."""
+
+    def __init__(self, inner, poison: int):
+        super().__init__(inner, [0])
+        self.poison = poison
+
+    def run(self, feed):
+        out = super().run(feed)
+        if self._counter[0] == self.poison:
+            out = {k: np.full_like(v, np.nan) for k, v in out.items()}
+        return out
+
+
+@pytest.mark.parametrize(
+    "component, poison, says",
+    [
+        ("text_encoder", 1, "text_encoder: expected finite values in output"),
+        ("unet", 2, "unet at step 2 of 3 (timestep"),
+        ("vae_decoder", 1, "vae_decoder: expected finite values in output 'image'"),
+        ("vae_encoder", 1, "vae_encoder: expected finite values"),
+    ],
+)
+def test_nan_from_a_component_is_an_error_not_an_image(tiny_artifacts, component, poison, says):
+    from sdrt.runtime.errors import NumericalError
+
+    with Pipeline.load(tiny_artifacts) as pipe:
+        pipe.sessions[component] = PoisonedSession(pipe.sessions[component], poison)
+        image = np.full((64, 64, 3), 0.5, np.float32) if component == "vae_encoder" else None
+        with pytest.raises(NumericalError) as info:
+            pipe("a photo", image=image, num_inference_steps=3, seed=0, height=64, width=64)
+        assert says in str(info.value) and "no image was returned" in str(info.value)
+        assert "graph is fp32" in str(info.value)
+        # the same pipeline, its session healthy again, returns an image
+        pipe.sessions[component].poison = -1
+        assert pipe("a photo", num_inference_steps=3, seed=0, height=64, width=64).images.shape == (1, 64, 64, 3)
