@@ -12,16 +12,19 @@ random draws, with NumPy arrays between components. A call runs four stages, eac
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sdrt.runtime import backends, conditioning, families, schedulers, validation
-from sdrt.runtime.errors import InputError, NumericalError
+from sdrt.runtime.errors import InputError, NumericalError, SdrtError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
@@ -64,6 +67,9 @@ class GenerationResult:
 
 
 OUTPUT_TYPES = ("uint8", "latent")
+MICRO_ARGUMENTS = (  # SDXL's micro-conditioning arguments of __call__
+    "original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score",
+)  # fmt: skip
 
 
 @dataclass
@@ -106,6 +112,37 @@ class Latents:
     masked_image_latents: np.ndarray | None = None  # 9-channel UNets
     image_latents: np.ndarray | None = None  # 4-channel UNets: the known region, re-noised each step
     noise: np.ndarray | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    """One checked call on its way through the stages (``Pipeline._prepare`` -> ``_execute``)."""
+
+    request: Request
+    run: Any  # the scheduler's per-call state
+    steps: int
+    seed: int
+    generator: Any
+    latents: np.ndarray | None  # given initial latents
+    shape: tuple[int, int, int, int]
+    output_type: str
+    callback: StepCallback | None
+    t_start: float
+    timings: dict = field(default_factory=dict)
+    cond: Conditioning | None = None
+    start: Latents | None = None
+    noise: Any = None
+    x: np.ndarray | None = None  # the latents during the loop
+    extra: np.ndarray | None = None  # a 9-channel UNet's mask and masked-image latents, in its rows
+    pred: np.ndarray | None = None
+    out: np.ndarray | None = None
+    images: np.ndarray | None = None
+    error: SdrtError | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share UNet calls: same latent size, steps and timesteps."""
+        return (self.shape[2:], self.steps, np.asarray(self.run.timesteps[: self.steps]).tobytes())
 
 
 class StepTimes:
@@ -285,55 +322,109 @@ class Pipeline:
         whose output holds NaN or infinity raises ``NumericalError`` (never a black image). One pipeline
         may be called from many threads; each call's result equals what it would be alone.
         """
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        job = self._prepare(args, time.perf_counter())
+        (result,) = self._execute([job])
+        if isinstance(result, SdrtError):
+            raise result
+        return result
+
+    def run_batch(self, calls: Sequence[Mapping[str, Any]]) -> list[GenerationResult | SdrtError]:
+        """Run many calls (each a dict of ``__call__``'s keyword arguments) as few batched UNet and VAE calls.
+
+        Calls whose denoising loops line up (same latent size, number of steps and timesteps) share one
+        UNet call per step and one VAE decode; others run in groups of their own. Each call's result equals
+        what ``self(**call)`` returns alone (its own seed, guidance, prompts); a call's own error (bad
+        arguments, NaN in its rows) comes back in its slot instead of being raised. ``timings`` carry the
+        shared stage times and ``batch_size``, the images in the call's group."""
         t_start = time.perf_counter()
-        timings: dict = {}
-        task = _task(image, mask_image)
+        results: list[GenerationResult | SdrtError | None] = [None] * len(calls)
+        groups: dict[tuple, list[tuple[int, _Job]]] = {}
+        for i, call in enumerate(calls):
+            try:
+                job = self._prepare(_call_arguments(call), t_start)
+            except SdrtError as e:
+                results[i] = e
+                continue
+            groups.setdefault(job.key, []).append((i, job))
+        for members in groups.values():
+            try:
+                outcomes = self._execute([job for _, job in members])
+            except SdrtError as e:  # a backend failure: every call of the group gets it
+                outcomes = [e] * len(members)
+            for (i, _), outcome in zip(members, outcomes):
+                results[i] = outcome
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, a: dict, t_start: float) -> _Job:
+        """Check one call's arguments and complete them with the model's defaults; nothing heavy runs."""
+        task = _task(a["image"], a["mask_image"])
         defaults = self.family.defaults(self.dims, task)
-        if num_inference_steps is None:
-            num_inference_steps = defaults["num_inference_steps"]
-        if guidance_scale is None:
-            guidance_scale = defaults["guidance_scale"]
-        micro = {
-            "original_size": original_size,
-            "crops_coords_top_left": crops_coords_top_left,
-            "target_size": target_size,
-            "aesthetic_score": aesthetic_score,
-            "negative_aesthetic_score": negative_aesthetic_score,
-        }
+        steps = defaults["num_inference_steps"] if a["num_inference_steps"] is None else a["num_inference_steps"]
+        guidance = defaults["guidance_scale"] if a["guidance_scale"] is None else a["guidance_scale"]
+        micro = {k: a[k] for k in MICRO_ARGUMENTS}
         self._check_scalars(
-            num_inference_steps, guidance_scale, num_images_per_prompt, seed, eta, scheduler, rng, output_type,
-            callback, micro,
+            steps, guidance, a["num_images_per_prompt"], a["seed"], a["eta"], a["scheduler"], a["rng"],
+            a["output_type"], a["callback"], micro,
         )  # fmt: skip
         request = self._request(
-            prompt, negative_prompt, image, mask_image, strength, height, width, guidance_scale,
-            num_images_per_prompt, denoising_start, denoising_end, micro,
+            a["prompt"], a["negative_prompt"], a["image"], a["mask_image"], a["strength"], a["height"], a["width"],
+            guidance, a["num_images_per_prompt"], a["denoising_start"], a["denoising_end"], micro,
         )  # fmt: skip
-        sched = self.scheduler if scheduler is None else schedulers.from_config(self.scheduler_config, scheduler)
-        run, steps = self.schedule(sched, num_inference_steps, request, eta)
+        name = a["scheduler"]
+        sched = self.scheduler if name is None else schedulers.from_config(self.scheduler_config, name)
+        run, n = self.schedule(sched, steps, request, a["eta"])
         shape = self.latent_shape(request.batch, request.height, request.width)
+        latents = a["latents"]
         if latents is not None:
             if request.task == "image-to-image":
                 raise InputError("latents: image-to-image noises the encoded image; give a seed instead of latents")
             latents = validation.finite_array("latents", latents, shape=shape)
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % 2**63)
-        generator = make_generator(seed, rng)
+        seed = int(np.random.SeedSequence().entropy % 2**63) if a["seed"] is None else int(a["seed"])
+        generator = make_generator(seed, a["rng"])
+        return _Job(request, run, n, seed, generator, latents, shape, a["output_type"], a["callback"], t_start)
 
-        t0 = time.perf_counter()
-        cond = self.encode_prompt(request)
-        timings["text_encoder"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        start = self.prepare_latents(request, run, generator, latents, shape)
-        timings["prepare_latents"] = time.perf_counter() - t0
-        out = self.denoise(start, run, steps, cond, request, generator, timings, callback)
-        if output_type == "latent":
-            timings["total"] = time.perf_counter() - t_start
-            return GenerationResult(images=None, seed=seed, timings=timings, latents=out)
-        t0 = time.perf_counter()
-        images = to_uint8(self.decode(out))
-        timings["vae_decoder"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        return GenerationResult(images=images, seed=seed, timings=timings)
+    def _execute(self, jobs: list[_Job]) -> list[GenerationResult | SdrtError]:
+        """Run jobs whose loops line up: per-job prompts and starting latents, then one UNet call per step
+        and one VAE decode for all. A job whose rows turn NaN fails alone, with its NumericalError."""
+        for job in jobs:
+            try:
+                t0 = time.perf_counter()
+                job.cond = self.encode_prompt(job.request)
+                job.timings["text_encoder"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                job.start = self.prepare_latents(job.request, job.run, job.generator, job.latents, job.shape)
+                job.timings["prepare_latents"] = time.perf_counter() - t0
+            except SdrtError as e:  # this call's own failure (NaN from an encoder, images that do not tile)
+                job.error = e
+        self.denoise_jobs([job for job in jobs if job.error is None])
+        decoding = [job for job in jobs if job.error is None and job.output_type != "latent"]
+        if decoding:
+            t0 = time.perf_counter()
+            images = self.decode(
+                np.concatenate([job.out for job in decoding]) if len(decoding) > 1 else decoding[0].out
+            )
+            rows = np.cumsum([0] + [job.out.shape[0] for job in decoding])
+            seconds = time.perf_counter() - t0
+            for job, lo, hi in zip(decoding, rows[:-1], rows[1:]):
+                try:
+                    self._check_finite("vae_decoder", {"image": images[lo:hi]})
+                    job.images = to_uint8(images[lo:hi])
+                except NumericalError as e:
+                    job.error = e
+                job.timings["vae_decoder"] = seconds
+        batch = sum(job.request.batch for job in jobs)
+        results: list[GenerationResult | SdrtError] = []
+        for job in jobs:
+            if job.error is not None:
+                results.append(job.error)
+                continue
+            job.timings["total"] = time.perf_counter() - job.t_start
+            if len(jobs) > 1:
+                job.timings["batch_size"] = batch
+            latent = job.out if job.output_type == "latent" else None
+            results.append(GenerationResult(job.images, job.seed, job.timings, latent))
+        return results
 
     # -- checking the request ----------------------------------------------------------------------
     def _check_scalars(
@@ -678,48 +769,104 @@ class Pipeline:
         return np.tile(x, (batch // x.shape[0], 1, 1, 1))
 
     # -- stage 3: the loop -------------------------------------------------------------------------
-    def denoise(self, start: Latents, run, steps: int, cond: Conditioning, request: Request, generator,
-                timings: dict, callback: StepCallback | None = None) -> np.ndarray:  # fmt: skip
-        latents, unet, times, g = start.latents, self.sessions["unet"], StepTimes(), request.guidance_scale
-        if start.masked_image_latents is not None:  # 9-channel UNet: the mask and masked image join every input
-            extra = np.concatenate([start.mask, start.masked_image_latents], axis=1)
-            extra = np.concatenate([extra, extra]) if request.guided else extra
-        with PrefetchingNoise(generator) as noise:  # stochastic samplers' noise, drawn one step ahead
+    def denoise_jobs(self, jobs: list[_Job]) -> None:
+        """Denoise jobs whose loops line up (``_Job.key``), each step one UNet call on all their rows; sets
+        each job's ``out`` (its final latents) or ``error`` (NaN in its rows). With one job the batch is
+        that job's, unchanged."""
+        if not jobs:
+            return
+        unet, times, active = self.sessions["unet"], StepTimes(), list(jobs)
+        steps = jobs[0].steps
+        with ExitStack() as stack:
+            for job in jobs:  # stochastic samplers' noise, drawn one step ahead from each job's generator
+                job.noise = stack.enter_context(PrefetchingNoise(job.generator))
+                job.x = job.start.latents
             for i in range(steps):
                 times.start()
-                x = np.concatenate([latents, latents]) if request.guided else latents
-                x = run.scale_model_input(x, i)
-                if start.masked_image_latents is not None:
-                    x = np.concatenate([x, extra], axis=1)
-                t = np.full((x.shape[0],), run.timesteps[i], dtype=np.float32)
+                parts = [self._unet_rows(job, i) for job in active]
+                x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                if len(active) > 1:
+                    feed = {k: np.concatenate([job.cond.feed[k] for job in active]) for k in active[0].cond.feed}
+                else:
+                    feed = active[0].cond.feed
+                t = np.full((x.shape[0],), active[0].run.timesteps[i], dtype=np.float32)
                 times.mark("prepare")
-                pred = unet.run({"sample": x, "timestep": t, **cond.feed})["out_sample"]
-                if not np.isfinite(pred).all():
-                    self._check_finite("unet", {"out_sample": pred}, f" at step {i + 1} of {steps} (timestep {t[0]:g})")
+                pred = unet.run({"sample": x, "timestep": t, **feed})["out_sample"]
                 times.mark("unet")
-                if request.guided:
-                    uncond, text = np.split(pred, 2)
-                    pred = uncond + np.float32(g) * (text - uncond)
+                rows = np.cumsum([0] + [len(p) for p in parts])
+                preds = [pred[lo:hi] for lo, hi in zip(rows[:-1], rows[1:])]
+                for job, p in zip(active, preds):
+                    if not np.isfinite(p).all():
+                        try:
+                            self._check_finite(
+                                "unet", {"out_sample": p}, f" at step {i + 1} of {steps} (timestep {t[0]:g})"
+                            )
+                        except NumericalError as e:
+                            job.error = e
+                    elif job.request.guided:
+                        uncond, text = np.split(p, 2)
+                        job.pred = uncond + np.float32(job.request.guidance_scale) * (text - uncond)
+                    else:
+                        job.pred = p
                 times.mark("guidance")
-                latents = run.step(pred, i, latents, noise=noise)
-                if start.image_latents is not None:  # 4-channel inpainting: keep the known region, re-noised
-                    known = start.image_latents
-                    if i < len(run.timesteps) - 1:
-                        known = run.add_noise(known, start.noise, i + 1)
-                    latents = (1 - start.mask) * known + start.mask * latents
+                active = [job for job in active if job.error is None]
+                for job in active:
+                    job.x = self._step(job, i)
                 times.mark("scheduler")
-                if callback is not None:
-                    callback(i + 1, steps)
-        times.into(timings)
-        return latents.astype(np.float32, copy=False)
+                for job in active:
+                    if job.callback is not None:
+                        job.callback(i + 1, steps)
+                if not active:
+                    break
+        for job in jobs:
+            times.into(job.timings)
+            if job.error is None:
+                job.out = job.x.astype(np.float32, copy=False)
+
+    def _unet_rows(self, job: _Job, i: int) -> np.ndarray:
+        """One job's UNet input rows at step ``i``: [unconditional, conditional] when guided; a 9-channel
+        UNet's mask and masked-image latents joined on the channel axis."""
+        start, guided = job.start, job.request.guided
+        x = np.concatenate([job.x, job.x]) if guided else job.x
+        x = job.run.scale_model_input(x, i)
+        if start.masked_image_latents is not None:
+            if job.extra is None:
+                extra = np.concatenate([start.mask, start.masked_image_latents], axis=1)
+                job.extra = np.concatenate([extra, extra]) if guided else extra
+            x = np.concatenate([x, job.extra], axis=1)
+        return x
+
+    def _step(self, job: _Job, i: int) -> np.ndarray:
+        """The scheduler's step for one job; 4-channel inpainting then restores the known region, re-noised."""
+        start, run = job.start, job.run
+        latents = run.step(job.pred, i, job.x, noise=job.noise)
+        if start.image_latents is not None:
+            known = start.image_latents
+            if i < len(run.timesteps) - 1:
+                known = run.add_noise(known, start.noise, i + 1)
+            latents = (1 - start.mask) * known + start.mask * latents
+        return latents
 
     # -- stage 4: the images -----------------------------------------------------------------------
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> float images in [0, 1], NHWC."""
         scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
         image = self.sessions["vae_decoder"].run({"latent": scaled})["image"]
-        self._check_finite("vae_decoder", {"image": image})
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def _call_arguments(call: Mapping[str, Any]) -> dict:
+    """One call of ``run_batch``: ``__call__``'s keyword arguments, completed with its defaults."""
+    if not isinstance(call, Mapping):
+        raise InputError(f"run_batch: expected each call as a dict of keyword arguments, got {type(call).__name__}")
+    try:
+        bound = _CALL_SIGNATURE.bind(None, **call)
+    except TypeError as e:
+        raise InputError(
+            f"run_batch: expected keyword arguments of Pipeline.__call__, got {sorted(call)} ({e})"
+        ) from None
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k != "self"}
 
 
 def _own_size(image, vae_scale_factor: int) -> tuple[int, int] | None:
@@ -744,3 +891,6 @@ def _own_size(image, vae_scale_factor: int) -> tuple[int, int] | None:
 
 def _task(image, mask_image) -> str:
     return "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
+
+
+_CALL_SIGNATURE = inspect.signature(Pipeline.__call__)
