@@ -286,6 +286,7 @@ def test_generate_with_tensorrt_backend_fails_clearly(tiny_artifacts, tmp_path):
     assert "--backend onnxruntime" in run.stderr
 
 
+@pytest.mark.slow  # two exports of the tiny model, ~90 s: kept out of the default suite's time budget
 def test_reexport_keeps_the_engine_cache(tiny_model, tmp_path):
     """A forced re-export replaces the directory atomically but keeps engines/: staleness is then
     decided per engine by its ONNX fingerprint, not by losing every engine."""
