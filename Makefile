@@ -10,8 +10,8 @@ TORCH ?= torch==2.13.0
 # The open_clip_torch wheel carries CLIP's BPE vocabulary; only that data file is used (--no-deps).
 OPEN_CLIP ?= open_clip_torch==3.3.0
 # The project's extras. Exactly one onnxruntime build: cpu (onnxruntime) here, or on an NVIDIA machine
-# EXTRAS=gpu,export,bench,openvino,dev (onnxruntime-gpu, TensorRT); the two overwrite each other's files.
-EXTRAS ?= cpu,export,bench,openvino,dev
+# EXTRAS=gpu,export,bench,openvino,dev,serve,ray (onnxruntime-gpu, TensorRT); the two overwrite each other's files.
+EXTRAS ?= cpu,export,bench,openvino,dev,serve,ray
 
 MODEL ?=
 ifeq ($(strip $(MODEL)),)
@@ -52,7 +52,7 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate bench bench-report test test-slow soak test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE
+.PHONY: engines generate bench bench-report test test-slow soak load test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE serve serve-ray
 
 venv: $(VENV)/.installed
 
@@ -123,7 +123,7 @@ bench-report: $(VENV)/.installed
 	$(SDRT) bench report $(RESULTS) --out benchmarks/report
 
 test: $(VENV)/.installed models/tiny-sd-optimum
-	$(BIN)/ruff check export runtime benchmarks tests tools
+	$(BIN)/ruff check export runtime benchmarks serve tests tools
 	@$(MAKE) --no-print-directory typecheck
 	SDRT_OPTIMUM_FOLDER=models/tiny-sd-optimum SDRT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -134,7 +134,28 @@ test-slow: $(VENV)/.installed
 soak: engines
 	$(BIN)/python -m sdrt.benchmarks.soak --artifacts $(ARTIFACTS) $(SOAK_ARGS)
 
-# On an NVIDIA machine whose venv was made with EXTRAS=gpu,export,bench,openvino,dev: engines for the tiny model,
+# The HTTP service on this machine's artifacts (README "Serving"), e.g.
+#   make serve SERVE_ARGS="--port 8000 --max-batch 4"
+SERVE_ARGS ?=
+serve: engines
+	$(SDRT) serve --artifacts $(ARTIFACTS) $(SERVE_ARGS)
+
+# The same API on Ray Serve, e.g. two replicas of one core each (on a cluster: `ray start --head` first;
+# alone, `serve run` starts a local Ray):  make serve-ray RAY_ARGS="num_replicas=2 num_cpus=1"
+RAY_ARGS ?=
+serve-ray: engines
+	$(BIN)/serve run sdrt.serve.ray_app:app artifacts=$(ARTIFACTS) $(RAY_ARGS)
+
+# `sdrt serve` under closed-loop load, batching off then on; the load generator starts and stops each
+# server on a free loopback port. Rows go to benchmarks/results/load_<device>.jsonl; `make bench-report`
+# shows them beside the latency rows.
+LOAD_ARGS ?= --concurrency 1,4,16 --requests 32 --steps 4 --size 64x64
+LOAD_SERVE_ARGS ?= --batch-wait-ms 20 --queue-size 32
+load: engines
+	$(BIN)/python -m sdrt.benchmarks.load --serve $(ARTIFACTS) --serve-args "--max-batch 1 $(LOAD_SERVE_ARGS)" --label batching-off $(LOAD_ARGS)
+	$(BIN)/python -m sdrt.benchmarks.load --serve $(ARTIFACTS) --serve-args "--max-batch 4 $(LOAD_SERVE_ARGS)" --label batching-on $(LOAD_ARGS)
+
+# On an NVIDIA machine whose venv was made with EXTRAS=gpu,export,bench,openvino,dev,serve,ray: engines for the tiny model,
 # checked against onnxruntime. Elsewhere every test is skipped with the reason.
 test-gpu: $(VENV)/.installed
 	$(BIN)/python -m pytest -m gpu -rs $(PYTEST_ARGS)
@@ -157,7 +178,7 @@ build/typecheck/stubs/tensorrt:
 	  || echo "tensorrt-stubs not available: mypy checks the TensorRT path with TensorRT typed as Any"
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check export runtime benchmarks tests tools
+	$(BIN)/ruff check export runtime benchmarks serve tests tools
 
 clean:
 	rm -rf artifacts .pytest_cache build

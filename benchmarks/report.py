@@ -1,4 +1,5 @@
-"""``sdrt bench report``: rows from many machines' result files -> one Markdown table and one chart."""
+"""``sdrt bench report``: rows from many machines' result files -> one Markdown table and one chart,
+and a table of the load rows (``python -m sdrt.benchmarks.load``: ``sdrt serve`` under load), if any."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from sdrt.runtime.errors import InputError
 # 1: one bench process; 2: a process per implementation (load time, RSS), rows per backend and compute
 # precision (or why not measured), the machine's matmul rate. Fields a schema-1 row lacks show as "—".
 SCHEMAS = (1, 2)
+# Rows of kind "load" (benchmarks/load.py: one per level of concurrency against `sdrt serve`) number
+# their own schema.
+LOAD_SCHEMAS = (1,)
 MISSING = "—"
 
 # (metric key, column title, scale to the unit shown)
@@ -43,10 +47,12 @@ def load_rows(files: list[Path]) -> list[dict]:
                 row = json.loads(line)
             except ValueError as e:
                 raise InputError(f"{path}:{n}: expected one JSON row per line, got a parse error: {e}") from e
-            if row.get("schema") not in SCHEMAS or not ("metrics" in row or "unsupported" in row):
+            if not (_is_load(row) and row.get("schema") in LOAD_SCHEMAS) and (
+                row.get("schema") not in SCHEMAS or not ("metrics" in row or "unsupported" in row)
+            ):
                 raise InputError(
-                    f"{path}:{n}: expected a benchmark row of schema {' or '.join(map(str, SCHEMAS))}, "
-                    f"got {str(row)[:80]!r}"
+                    f"{path}:{n}: expected a benchmark row of schema {' or '.join(map(str, SCHEMAS))} (or a load "
+                    f"row of schema {' or '.join(map(str, LOAD_SCHEMAS))}), got {str(row)[:80]!r}"
                 )
             row["_file"] = str(path)
             rows.append(row)
@@ -83,7 +89,11 @@ def _cell(metric: dict | None, scale: float = 1.0) -> str:
 
 
 def measured(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if "metrics" in r]
+    return [r for r in rows if "metrics" in r and not _is_load(r)]
+
+
+def _is_load(row: dict) -> bool:
+    return row.get("kind") == "load"
 
 
 def _opt(value, fmt=_num) -> str:
@@ -108,7 +118,14 @@ def _ratio_cell(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The measured rows as a table, then the combinations not measured and why."""
+    """The measured rows as a table, then the combinations not measured and why, then the load rows."""
+    loads = [r for r in rows if _is_load(r)]
+    if loads and len(loads) == len(rows):
+        return load_table(loads)
+    return _latency_table(rows) + (f"\n\n{load_table(loads)}" if loads else "")
+
+
+def _latency_table(rows: list[dict]) -> str:
     head = [
         "device · implementation · precision",
         "backend",
@@ -160,6 +177,74 @@ def unsupported_list(rows: list[dict]) -> str:
         for (device, backend, precision, a), reason in sorted(seen.items(), key=lambda kv: str(kv[0]))
     ]
     return "\n\nNot measured (the backend or this CPU lacks the precision):\n\n" + "\n".join(items)
+
+
+# -- load rows: `sdrt serve` under closed-loop load, one row per level of concurrency -----------------
+def _where(row: dict) -> str:
+    d = row["device"]
+    isa = f"{d['isa']}, " if d.get("isa") else ""
+    return f"{d['name']} ({isa}{d['cores']} cores)" if d["kind"] == "cpu" else d["name"]
+
+
+def load_label(row: dict) -> str:
+    """Where the load ran, the server's largest batch and the run's label."""
+    batch = (row.get("server") or {}).get("max_batch")
+    parts = [_where(row), f"max batch {MISSING if batch is None else batch}"]
+    return " · ".join([*parts, row["label"]] if row.get("label") else parts)
+
+
+def load_case(row: dict) -> str:
+    """The model (when the run started the server) and the request as sent; the server's defaults for
+    what the body leaves out."""
+    body = row.get("body") or {}
+    model = Path(str((row.get("model") or {}).get("source") or "")).name
+    size = f"{body['height']}x{body['width']}" if "height" in body and "width" in body else "default size"
+    steps = f"{body['num_inference_steps']} steps" if "num_inference_steps" in body else "default steps"
+    images = row.get("images_per_request", 1)
+    return " ".join(filter(None, (model, size, steps, f"x{images} images" if images != 1 else "")))
+
+
+def load_table(rows: list[dict]) -> str:
+    """One line per load row: throughput of the 200 answers, their latency percentiles, counts by status."""
+    head = [
+        "device · server · label",
+        "request",
+        "concurrency",
+        "requests",
+        "200 / 4xx / 503 / other",
+        "img/s",
+        "req/s",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "max s",
+        "images per batch",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: (load_case(r), load_label(r), r["timestamp"], r["concurrency"])):
+        s, lat = row["status"], row["latency_s"]
+        cells = [
+            load_label(row),
+            load_case(row),
+            str(row["concurrency"]),
+            str(row["requests"]),
+            " / ".join(str(s[c]) for c in ("200", "4xx", "503", "other")),
+            _num(row["images_per_s"]),
+            _num(row["requests_per_s"]),
+            *(_num(lat[q]) if lat.get("n") else MISSING for q in ("p50", "p95", "p99", "max")),
+            _opt(_images_per_batch(row)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _images_per_batch(row: dict) -> float | None:
+    """Mean images per batch the server ran during the level, from its /metrics histogram of batch sizes
+    (``sdrt serve``'s ``sdrt_batch_images``); None when the row does not have it."""
+    counted = row.get("server_metrics") or {}
+    total = sum(v for k, v in counted.items() if k.split("{")[0] == "sdrt_batch_images_sum")
+    batches = sum(v for k, v in counted.items() if k.split("{")[0] == "sdrt_batch_images_count")
+    return total / batches if batches else None
 
 
 def chart(rows: list[dict], path: Path) -> int:
@@ -222,15 +307,26 @@ def write_report(files: list[Path], out_dir: Path) -> tuple[Path, Path, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     png = out_dir / "report.png"
-    bars = chart(rows, png)
+    bars = chart(rows, png) if measured(rows) else 0  # load rows alone: no latency chart
+    loads = sum(map(_is_load, rows))
     md.write_text(
         "# sdrt benchmark report\n\n"
-        f"{len(measured(rows))} measured rows from {len(files)} file(s): {', '.join(str(f) for f in files)}\n\n"
+        f"{len(measured(rows))} measured rows{f' and {loads} load rows' if loads else ''} from {len(files)} "
+        f"file(s): {', '.join(str(f) for f in files)}\n\n"
         "Milliseconds unless noted; median with p90 in brackets. Ratios are measured pair by pair "
         "(each sdrt run against the baseline runs of its round: every sdrt variant, then every baseline) and "
         "summarized as median (p10, p90). UNet % of matmul: the UNet's achieved FLOP/s as a share of the fp32 "
         "MatMul rate measured on the same machine in the same run. Load s and peak RSS are each "
         "implementation's own process's (schema 2). — marks a figure the row does not carry (schema 1).\n\n"
-        f"{markdown_table(rows)}\n\n![latency chart](report.png)\n"
+        f"{markdown_table(rows)}\n\n{'![latency chart](report.png)' if bars else ''}\n{LOAD_NOTE if loads else ''}"
     )
     return md, png, bars
+
+
+LOAD_NOTE = (
+    "\nLoad rows: `sdrt serve` under closed-loop load (python -m sdrt.benchmarks.load), one row per level of "
+    "concurrency: that many clients, each sending its next request when its previous one has answered, after "
+    "one warm-up request. img/s and req/s count the 200 answers over the level's wall time; latencies are "
+    "those of the 200 answers, in seconds; `other` is 5xx other than 503, 504 and answers that never came. "
+    "Images per batch: the mean over the batches the server ran during the level, from its /metrics.\n"
+)
