@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import queue
-import re
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.benchmarks import matmul
+from sdrt.benchmarks.devices import cpu_name, device_info, device_key  # noqa: F401 - cpu_name: re-exported
 from sdrt.benchmarks.worker import RunTimes
 from sdrt.runtime import backends
 from sdrt.runtime.cpu_features import cpu_summary
 from sdrt.runtime.errors import BackendError, InputError
 from sdrt.runtime.families import sizes
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.ort_cpu_engines import isa_key
 
 log = logging.getLogger(__name__)
 
@@ -71,42 +70,13 @@ def stats(samples: list[float]) -> dict:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# The machine's identity lives in devices.py; these names stay importable from here (load.py uses them).
+device_slug = device_key  # the results file's name: <device_key>.jsonl
 
 
-def device_info(backend: str) -> dict:
-    info = {
-        "kind": "cpu",
-        "name": cpu_name(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0,
-        "platform": platform.platform(),
-        # "AMD EPYC" names Zen 3 and Zen 4 alike; the instruction sets tell such machines apart.
-        "isa": isa_key(),
-    }
-    if backends.get(backend).device == "gpu":
-        from sdrt.runtime.tensorrt_backend import current_device
-
-        gpu = current_device()
-        info.update(kind="gpu", name=gpu.name, compute_capability=list(gpu.compute_capability))
-        info["gpu_memory_bytes"] = gpu.memory_bytes
-    return info
-
-
-def device_slug(device: dict) -> str:
-    name = re.sub(r"\(r\)|\(tm\)|cpu|@.*$", "", device["name"].lower())
-    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-    if device["kind"] != "cpu":
-        return f"gpu_{name}"
-    isa = f"_{device['isa']}" if device.get("isa") else ""
-    return f"cpu_{name}{isa}_{device['cores']}c"
+def results_file(results_dir: Path, device: dict) -> Path:
+    """Where rows measured on ``device`` are appended: one file per device key."""
+    return Path(results_dir) / f"{device_key(device)}.jsonl"
 
 
 def versions() -> dict:
@@ -278,9 +248,23 @@ class Variant:
         return Worker(self.name, _worker_command(spec))
 
 
-def start_diffusers(source: Path, threads: int, scheduler: str | None) -> Worker:
+def start_diffusers(
+    source: Path, threads: int, scheduler: str | None, device: str = "cpu", dtype: str = "fp32"
+) -> Worker:
+    """diffusers/PyTorch on the CPU in fp32, or on ``device`` (e.g. "cuda") in ``dtype`` (e.g. "fp16")."""
     spec = {"implementation": "diffusers", "folder": str(source.absolute()), "threads": threads, "scheduler": scheduler}
-    return Worker("diffusers", _worker_command(spec))
+    if (device, dtype) != ("cpu", "fp32"):
+        spec |= {"device": device, "dtype": dtype}
+    worker = Worker("diffusers", _worker_command(spec))
+    ran = (worker.hello.get("device", "cpu"), worker.hello.get("dtype", "fp32"))
+    if ran != (device, dtype):
+        worker.close()
+        raise BackendError(
+            f"bench: diffusers: expected the baseline on {device} in {dtype}, the worker ran it on {ran[0]} in "
+            f"{ran[1]} (benchmarks/worker.py's DiffusersRunner must take the spec's device and dtype and name "
+            "them in its hello)"
+        )
+    return worker
 
 
 def start_optimum(folder: Path, python: Path, threads: int) -> Worker:
@@ -353,6 +337,10 @@ class BenchConfig:
     threads: int = 0
     baseline: bool = True
     peak_tflops: float | None = None  # the device's peak, for the fraction achieved
+    # Exactly these (artifacts, backend, compute precision) instead of every artifacts x backend x precision.
+    variants: tuple[tuple[Path, str, str], ...] | None = None
+    baseline_device: str = "cpu"  # where diffusers runs: "cpu", or "cuda" beside GPU backends
+    baseline_dtype: str = "fp32"  # its torch dtype: fp32, or fp16 on a GPU
     optimum_folder: Path | None = None  # an optimum export of the same model: optimum's pipeline as a baseline
     optimum_python: Path = Path(".venv-optimum/bin/python")
     prompt: str = "a photograph of an astronaut riding a horse"
@@ -375,18 +363,20 @@ def plan(config: BenchConfig) -> tuple[list[Variant], list[tuple[Variant, str]]]
     """Every (artifacts, backend, compute precision) asked for: those this machine runs, and those it
     does not with the BackendError that says why."""
     dirs = config.artifact_dirs()
+    if config.variants is not None:
+        asked = [(Path(a), b, p) for a, b, p in config.variants]
+    else:
+        backends_asked = config.backends or available_backends()
+        asked = [(a, b, p) for a in dirs for b in backends_asked for p in config.compute_precisions()]
     runnable, unsupported = [], []
-    for artifacts in dirs:
-        for backend in config.backends or available_backends():
-            record = backends.get(backend)
-            for precision in config.compute_precisions():
-                variant = Variant(artifacts, backend, precision, artifacts.name if len(dirs) > 1 else "")
-                try:
-                    backends.check_usable(record, precision)
-                except BackendError as e:
-                    unsupported.append((variant, str(e)))
-                else:
-                    runnable.append(variant)
+    for artifacts, backend, precision in asked:
+        variant = Variant(artifacts, backend, precision, artifacts.name if len(dirs) > 1 else "")
+        try:
+            backends.check_usable(backends.get(backend), precision)
+        except BackendError as e:
+            unsupported.append((variant, str(e)))
+        else:
+            runnable.append(variant)
     return runnable, unsupported
 
 
@@ -420,6 +410,8 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     machine = {"cpu": cpu_summary(), "matmul": matmul.measure(threads, config.matmul_size, config.matmul_budget_s)}
     progress(f"matmul: {_matmul_line(machine['matmul'])}")
     gpu = next((v.backend for v in variants if backends.get(v.backend).device == "gpu"), None)
+    if gpu is None and config.baseline and config.baseline_device != "cpu":
+        gpu = "tensorrt"  # the GPU the baseline runs on names the file (CUDA device 0, as for the backends)
     context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"))
     ours: dict[Variant, Worker] = {}
     baselines: list[Worker] = []
@@ -427,7 +419,10 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
         for variant in variants:
             ours[variant] = _started(variant.start(threads, config.scheduler), progress)
         if config.baseline:
-            baselines.append(_started(start_diffusers(source, threads, config.scheduler), progress))
+            diffusers = start_diffusers(
+                source, threads, config.scheduler, config.baseline_device, config.baseline_dtype
+            )
+            baselines.append(_started(diffusers, progress))
         if config.optimum_folder:
             baselines.append(_started(start_optimum(config.optimum_folder, config.optimum_python, threads), progress))
         rows = []
@@ -513,9 +508,11 @@ def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker],
         rows.append(row)
     for b in baselines:
         backend = "pytorch" if b.name == "diffusers" else "onnxruntime"
-        fields = {"backend": backend, "precision": "fp32", "compute_precision": "fp32", "graph_precision": "fp32"}
+        dtype = b.hello.get("dtype", "fp32")
+        fields = {"backend": backend, "precision": dtype, "compute_precision": dtype, "graph_precision": dtype}
         fields["pipeline"] = b.hello.get("pipeline")  # the diffusers class (optimum's worker names none)
-        rows.append(_row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": _cpu_device()})
+        device = ctx.device if b.hello.get("device", "cpu") != "cpu" else _cpu_device()
+        rows.append(_row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": device})
     return rows
 
 
@@ -622,7 +619,7 @@ def _cpu_device() -> dict:
 
 
 def _append(ctx: Context, rows: list[dict], progress) -> None:
-    out = ctx.config.results_dir / f"{device_slug(ctx.device)}.jsonl"
+    out = results_file(ctx.config.results_dir, ctx.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         for r in rows:

@@ -94,20 +94,30 @@ class SdrtRunner:
 
 class DiffusersRunner:
     """The diffusers pipeline the model folder names (StableDiffusionPipeline, StableDiffusionXLPipeline,
-    LatentConsistencyModelPipeline, ...) in PyTorch (fp32, CPU), timed by hooks on its modules."""
+    LatentConsistencyModelPipeline, ...) in PyTorch, timed by hooks on its modules: fp32 on the CPU, or on
+    ``device="cuda"`` in fp32 or fp16 (the GPU comparison's baseline; timings synchronize the device)."""
 
     name = "diffusers"
 
-    def __init__(self, source: Path, threads: int, scheduler: str | None):
+    DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+    def __init__(self, source: Path, threads: int, scheduler: str | None, device: str = "cpu", dtype: str = "fp32"):
         import torch
         from diffusers import DiffusionPipeline
 
+        from sdrt.runtime.errors import InputError
+
+        if device not in ("cpu", "cuda") or dtype not in self.DTYPES or (device == "cpu" and dtype != "fp32"):
+            raise InputError(f"diffusers baseline: expected cpu/fp32 or cuda/fp32|fp16, got {device}/{dtype}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError("diffusers baseline: expected a CUDA device for device='cuda', torch sees none")
         if threads:
             torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.device, self.dtype = torch, device, dtype
         index = json.loads((Path(source) / "model_index.json").read_text())
         extra = {"safety_checker": None} if "safety_checker" in index else {}
-        self.pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, **extra)
+        self.pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, self.DTYPES[dtype]), **extra)
+        self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if scheduler:
             import diffusers
@@ -125,24 +135,33 @@ class DiffusersRunner:
         decode = self.pipe.vae.decode
 
         def timed_decode(*args, **kwargs):
+            self._sync()
             t0 = time.perf_counter()
             out = decode(*args, **kwargs)
+            self._sync()
             self._calls.setdefault("vae_decoder", []).append(time.perf_counter() - t0)
             return out
 
         self.pipe.vae.decode = timed_decode
 
     def hello(self) -> dict:
-        return {"pipeline": type(self.pipe).__name__}
+        return {"pipeline": type(self.pipe).__name__, "device": self.device, "dtype": self.dtype}
+
+    def _sync(self) -> None:
+        """On a GPU, wait for the queued kernels, so a hook's time is the work's and not its launch."""
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def _pre(self, name):
         def hook(module, args):
+            self._sync()
             self._start = time.perf_counter()
 
         return hook
 
     def _post(self, name):
         def hook(module, args, output):
+            self._sync()
             self._calls.setdefault(name, []).append(time.perf_counter() - self._start)
 
         return hook
@@ -152,6 +171,7 @@ class DiffusersRunner:
         marks: list[float] = []
 
         def on_step_end(pipe, i, t, kwargs):
+            self._sync()
             marks.append(time.perf_counter())
             return kwargs
 
@@ -164,7 +184,7 @@ class DiffusersRunner:
                 width=width,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                latents=torch.from_numpy(latents),
+                latents=torch.from_numpy(latents).to(self.device, getattr(torch, self.DTYPES[self.dtype])),
                 output_type="np",
                 callback_on_step_end=on_step_end,
             )
@@ -194,7 +214,13 @@ def make_runner(spec: dict):
             Path(spec["artifacts"]), spec["backend"], spec.get("precision", "fp32"), spec["threads"], spec["scheduler"]
         )
     if kind == "diffusers":
-        return DiffusersRunner(Path(spec["folder"]), spec["threads"], spec["scheduler"])
+        return DiffusersRunner(
+            Path(spec["folder"]),
+            spec["threads"],
+            spec["scheduler"],
+            spec.get("device", "cpu"),
+            spec.get("dtype", "fp32"),
+        )
     raise InputError(f"bench worker: expected implementation 'sdrt' or 'diffusers' in the spec, got {kind!r}")
 
 

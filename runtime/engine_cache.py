@@ -34,13 +34,32 @@ class DeviceInfo:
     compute_capability: tuple[int, int]
     tensorrt_version: str  # e.g. "10.13.0.35"
     memory_bytes: int = 0
+    # What benchmark rows record besides (none of it is in the engine folder's key); 0 or "" when unread.
+    sm_count: int = 0  # streaming multiprocessors
+    driver_version: str = ""  # the NVIDIA driver, e.g. "550.54.15"
+    cuda_version: str = ""  # the CUDA runtime in use, e.g. "12.8"
+    cuda_driver_version: str = ""  # the newest CUDA the driver supports, e.g. "12.4"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "compute_capability": list(self.compute_capability)}
 
     @classmethod
     def from_dict(cls, d: dict) -> DeviceInfo:
-        return cls(d["name"], tuple(d["compute_capability"]), d["tensorrt_version"], d.get("memory_bytes", 0))
+        cc = d["compute_capability"]
+        extra = {k: d[k] for k in ("sm_count", "driver_version", "cuda_version", "cuda_driver_version") if k in d}
+        return cls(d["name"], (int(cc[0]), int(cc[1])), d["tensorrt_version"], d.get("memory_bytes", 0), **extra)
+
+
+def cuda_version_string(version: int) -> str:
+    """CUDA's integer version (``cudaRuntimeGetVersion``, ``cudaDriverGetVersion``) as text: 12040 -> "12.4"."""
+    return f"{version // 1000}.{version % 1000 // 10}" if version > 0 else ""
+
+
+def parse_nvidia_driver_version(text: str) -> str:
+    """The driver version in /proc/driver/nvidia/version ("NVRM version: NVIDIA UNIX x86_64 Kernel Module
+    550.54.15  ..."), or "" when the text has none."""
+    match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)?)\s", text + " ")
+    return match.group(1) if match else ""
 
 
 def device_key(device: DeviceInfo, precision: str) -> str:

@@ -24,8 +24,10 @@ from sdrt.runtime.engine_cache import (
     DeviceInfo,
     EngineManifest,
     check_engine_for_runtime,
+    cuda_version_string,
     find_engine_folder,
     onnx_fingerprint,
+    parse_nvidia_driver_version,
 )
 from sdrt.runtime.errors import ArtifactError, BackendError
 from sdrt.runtime.manifest import Component
@@ -89,7 +91,33 @@ def current_device(index: int = 0) -> DeviceInfo:
         raise BackendError("; ".join(reasons))
     prop = _check(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return DeviceInfo(name.rstrip("\0"), (int(prop.major), int(prop.minor)), trt.__version__, int(prop.totalGlobalMem))
+    return DeviceInfo(
+        name.rstrip("\0"),
+        (int(prop.major), int(prop.minor)),
+        trt.__version__,
+        int(prop.totalGlobalMem),
+        sm_count=int(getattr(prop, "multiProcessorCount", 0)),
+        driver_version=nvidia_driver_version(),
+        cuda_version=_cuda_version(cudart.cudaRuntimeGetVersion),
+        cuda_driver_version=_cuda_version(cudart.cudaDriverGetVersion),
+    )
+
+
+def _cuda_version(query) -> str:
+    """A CUDA version query's answer as text ("12.8"), or "" when it fails: it only describes the device."""
+    try:
+        err, version = query()
+        return cuda_version_string(int(version)) if int(err) == 0 else ""
+    except Exception:  # noqa: BLE001 - an unreadable version is recorded as unknown
+        return ""
+
+
+def nvidia_driver_version(path: Path = Path("/proc/driver/nvidia/version")) -> str:
+    """The NVIDIA driver's version as Linux reports it, or "" (another OS, or no driver)."""
+    try:
+        return parse_nvidia_driver_version(path.read_text())
+    except OSError:
+        return ""
 
 
 def unavailable_reason() -> str | None:
