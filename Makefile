@@ -52,7 +52,7 @@ BIN := $(VENV)/bin
 SDRT := $(BIN)/sdrt
 PYTEST_ARGS ?=
 
-.PHONY: engines generate bench bench-report test test-slow soak load test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE serve serve-ray
+.PHONY: engines generate bench bench-report bench-gpu test test-slow soak load test-gpu typecheck lint clean distclean venv sd15-random taesd FORCE serve serve-ray
 
 venv: $(VENV)/.installed
 
@@ -119,8 +119,10 @@ bench: $(VENV)/.installed
 
 # Merge result files (from many machines) into benchmarks/report/report.md and report.png.
 RESULTS ?= $(wildcard benchmarks/results/*.jsonl)
+# REPORT_ARGS: e.g. --baseline DEVICE --price DEVICE=USD_PER_HOUR (devices side by side; see the README).
+REPORT_ARGS ?=
 bench-report: $(VENV)/.installed
-	$(SDRT) bench report $(RESULTS) --out benchmarks/report
+	$(SDRT) bench report $(RESULTS) --out benchmarks/report $(REPORT_ARGS)
 
 test: $(VENV)/.installed models/tiny-sd-optimum
 	$(BIN)/ruff check export runtime benchmarks serve tests tools
@@ -159,6 +161,14 @@ load: engines
 # checked against onnxruntime. Elsewhere every test is skipped with the reason.
 test-gpu: $(VENV)/.installed
 	$(BIN)/python -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+# One command on an NVIDIA machine (venv with EXTRAS=gpu,...): SD 1.5-shaped random weights at 512x512, TensorRT
+# engines with dynamic and static profiles, `make test-gpu`, and rows for onnxruntime-cuda, onnxruntime-tensorrt
+# and tensorrt beside diffusers on CUDA (25 and 50 steps), planned to fit 10 minutes (tools/bench_gpu.sh,
+# benchmarks/gpu_plan.py). Elsewhere it stops at once with the reason. E.g. BENCH_GPU_ARGS="--steps 25 --runs 5"
+BENCH_GPU_ARGS ?=
+bench-gpu: $(VENV)/.installed
+	PY=$(BIN)/python MAKE="$(MAKE)" tools/bench_gpu.sh $(BENCH_GPU_ARGS)
 
 # mypy over the TensorRT path (it cannot run without a GPU, so it is at least type-checked). The
 # symlinks give mypy the sdrt.* names the package-dir mapping gives Python.

@@ -26,7 +26,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
             "StableDiffusionPipeline (PyTorch, same folder, latents, scheduler and threads; its own process) in "
             "interleaved rounds after warming up until steady; measure the machine's fp32 matmul rate once; print "
             "a table and append self-describing rows to benchmarks/results/<device>.jsonl. "
-            "`sdrt bench report FILE...`: merge result files from many machines into report.md and report.png."
+            "`sdrt bench report FILE... [--baseline DEVICE] [--price DEVICE=USD_PER_HOUR ...]`: merge result files "
+            "from many machines into report.md, report.png and compare.png (the devices side by side per case, "
+            "speedup against the baseline, images/s, cost per image)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -90,20 +92,51 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "--results-dir", type=Path, default=None, help="run: where <device>.jsonl goes (default: benchmarks/results)"
     )
     p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/report"), help="report: folder for report.md and report.png"
+        "--out",
+        type=Path,
+        default=Path("benchmarks/report"),
+        help="report: folder for report.md, report.png and compare.png",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DEVICE",
+        help="report: the device the others' speedups are against: its key (the report's device table lists "
+        "them) or a part of its key or label naming it alone; without it, the first file's device",
+    )
+    p.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="DEVICE=USD_PER_HOUR",
+        help="report: a device's price per hour, for the cost per image (repeat for each device); DEVICE as for "
+        "--baseline",
     )
     p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.action == "report":
-        from sdrt.benchmarks.report import load_rows, markdown_table, write_report
+        from sdrt.benchmarks.report import (
+            COMPARE_CHART,
+            compare,
+            comparison_markdown,
+            load_rows,
+            markdown_table,
+            measured,
+            write_report,
+        )
 
         if not args.files:
             raise InputError("bench report: expected one or more result files (.jsonl), got none")
-        md, png, bars = write_report(args.files, args.out)
-        print(markdown_table(load_rows(args.files)))
-        print(f"wrote {md} and {png} ({bars} bars)")
+        md, png, bars = write_report(args.files, args.out, args.baseline, args.price)
+        rows = load_rows(args.files)
+        print(markdown_table(rows))
+        if measured(rows):
+            print("\n" + comparison_markdown(compare(rows, args.baseline, args.price)))
+            print(f"wrote {md}, {png} ({bars} bars) and {md.parent / COMPARE_CHART}")
+        else:
+            print(f"wrote {md}")
         return 0
     if args.files:
         raise InputError(f"bench: files are for `sdrt bench report`, got {[str(f) for f in args.files]}")

@@ -1,11 +1,16 @@
 """``sdrt bench report``: rows from many machines' result files -> one Markdown table and one chart,
-and a table of the load rows (``python -m sdrt.benchmarks.load``: ``sdrt serve`` under load), if any."""
+a comparison of the devices (a line per case with every device's latency side by side, the speedup
+against a baseline device, images/s and cost per image) with its own chart, and a table of the load rows
+(``python -m sdrt.benchmarks.load``: ``sdrt serve`` under load), if any."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sdrt.benchmarks.devices import device_key, device_label
 from sdrt.runtime.errors import InputError
 
 # 1: one bench process; 2: a process per implementation (load time, RSS), rows per backend and compute
@@ -65,11 +70,17 @@ def label(row: dict) -> str:
     d = row["device"]
     isa = f"{d['isa']}, " if d.get("isa") else ""  # "AMD EPYC" names Zen 3 and Zen 4 alike; the ISA does not
     where = f"{d['name']} ({isa}{d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
-    impl = {"diffusers": "diffusers/PyTorch", "optimum": "optimum/onnxruntime"}.get(
+    return f"{where} · {_implementation(row)} · {row.get('precision', MISSING)}{_vae(row)}"
+
+
+def _implementation(row: dict) -> str:
+    return {"diffusers": "diffusers/PyTorch", "optimum": "optimum/onnxruntime"}.get(
         row["implementation"], f"{row['implementation']}/{row['backend']}"
     )
-    vae = " · tiny VAE" if row.get("vae") == "AutoencoderTiny" else ""  # sdrt export --vae
-    return f"{where} · {impl} · {row.get('precision', MISSING)}{vae}"
+
+
+def _vae(row: dict) -> str:
+    return " · tiny VAE" if row.get("vae") == "AutoencoderTiny" else ""  # sdrt export --vae
 
 
 def case(row: dict) -> str:
@@ -281,7 +292,8 @@ def chart(rows: list[dict], path: Path) -> int:
         )
         bars += len(drawn)
         ax.set_title(title)
-        if min(v for v in values if v > 0) * 20 < max(values):  # cases far apart (tiny and full-size models)
+        positive = [v for v in values if v > 0]  # none when no row carries the metric
+        if positive and min(positive) * 20 < max(positive):  # cases far apart (tiny and full-size models)
             ax.set_xscale("log")
         ax.grid(axis="x", alpha=0.3)
         for y, v in enumerate(values):
@@ -301,13 +313,347 @@ def _kind(row: dict) -> tuple[str, str, str]:
     return row["implementation"], row["backend"], row.get("precision", MISSING)
 
 
-def write_report(files: list[Path], out_dir: Path) -> tuple[Path, Path, int]:
+# -- devices side by side: a line per case, the devices' latencies in columns -------------------------
+DEFAULT_GUIDANCE = 7.5  # sdrt bench's default; a case run at another scale says so
+
+
+@dataclass(frozen=True, order=True)
+class Case:
+    """What a row measured, apart from the machine: rows of different devices with equal cases compare."""
+
+    model: str
+    height: int
+    width: int
+    batch: int
+    steps: int
+    implementation: str  # with its backend: "sdrt/onnxruntime", "diffusers/PyTorch"
+    precision: str
+    vae: str  # "" or " · tiny VAE"
+    guidance: float  # classifier-free guidance doubles the UNet's batch: not the same work
+
+    @classmethod
+    def of(cls, row: dict) -> Case:
+        guidance = row.get("guidance_scale")
+        return cls(
+            model=Path(str((row.get("model") or {}).get("source") or "")).name,
+            height=row["height"],
+            width=row["width"],
+            batch=row["batch"],
+            steps=row["steps"],
+            implementation=_implementation(row),
+            precision=_precision(row),
+            vae=_vae(row),
+            guidance=DEFAULT_GUIDANCE if guidance is None else float(guidance),
+        )
+
+    def __str__(self) -> str:
+        model = f"{self.model} " if self.model else ""
+        cfg = "" if self.guidance == DEFAULT_GUIDANCE else f" cfg {self.guidance:g}"
+        return (
+            f"{model}b{self.batch} {self.height}x{self.width} {self.steps} steps{cfg} · "
+            f"{self.implementation} · {self.precision}{self.vae}"
+        )
+
+
+@dataclass
+class Comparison:
+    """The measured rows by case and device: the latest row of each, the baseline and the prices."""
+
+    devices: list[str]  # device keys: the baseline first, then the others as the files give them
+    labels: dict[str, str]  # device key -> device_label
+    baseline: str
+    prices: dict[str, float] = field(default_factory=dict)  # device key -> USD per hour (the devices priced)
+    latest: dict[tuple[Case, str], dict] = field(default_factory=dict)  # (case, device key) -> its latest row
+    superseded: dict[str, int] = field(default_factory=dict)  # device key -> rows a later run replaced
+    threads: dict[str, set[int]] = field(default_factory=dict)  # device key -> thread counts of its rows kept
+
+    @property
+    def cases(self) -> list[Case]:
+        return sorted({case for case, _ in self.latest})
+
+    def name(self, device: str) -> str:
+        """A short name for the columns: A, B, ... in the order of ``devices`` (A is the baseline)."""
+        i = self.devices.index(device)
+        return chr(ord("A") + i) if i < 26 else f"D{i + 1}"
+
+    def median(self, case: Case, device: str, metric: str) -> float | None:
+        row = self.latest.get((case, device))
+        m = row["metrics"].get(metric) if row else None
+        return m["median"] if m and m.get("n") else None
+
+    def speedup(self, case: Case, device: str, metric: str = "end_to_end_s") -> float | None:
+        """The baseline's median latency over this device's, on the same case: 2.0 is twice as fast."""
+        base, mine = self.median(case, self.baseline, metric), self.median(case, device, metric)
+        return base / mine if base and mine else None
+
+    def cost_per_image(self, case: Case, device: str) -> float | None:
+        """USD per image: the device's price per hour / 3600 / its median images per second."""
+        price, rate = self.prices.get(device), self.median(case, device, "images_per_s")
+        return price / 3600 / rate if price is not None and rate else None
+
+
+def compare(
+    rows: list[dict], baseline: str | None = None, prices: list[str] | dict[str, float] | None = None
+) -> Comparison:
+    """Group the measured rows by case and device (``device_key``), keeping the latest row (by timestamp,
+    then the later in the files) of a device and case measured more than once. ``baseline`` and the
+    devices of ``prices`` ("DEVICE=USD_PER_HOUR" strings, or a dict) name a device by its key or a part
+    of its key or label that matches it alone; without ``baseline``, the first device in the files."""
+    labels: dict[str, str] = {}
+    latest: dict[tuple[Case, str], dict] = {}
+    superseded: dict[str, int] = {}
+    for row in measured(rows):
+        key = device_key(row["device"])
+        labels.setdefault(key, device_label(row["device"]))
+        slot = (Case.of(row), key)
+        old = latest.get(slot)
+        if old is not None:
+            superseded[key] = superseded.get(key, 0) + 1
+        if old is None or str(row.get("timestamp") or "") >= str(old.get("timestamp") or ""):
+            latest[slot] = row
+    if not labels:
+        raise InputError("report: expected measured benchmark rows to compare devices, found none")
+    base = resolve_device(baseline, labels, "--baseline") if baseline is not None else next(iter(labels))
+    priced: dict[str, float] = {}
+    for spec, usd in prices.items() if isinstance(prices, dict) else map(parse_price, prices or ()):
+        key = resolve_device(spec, labels, "--price")
+        if key in priced:
+            raise InputError(f"--price: expected one price per device, got two for {key} ({labels[key]})")
+        if not (math.isfinite(usd) and usd >= 0):
+            raise InputError(f"--price {spec}: expected a price per hour in USD of 0 or more, got {usd}")
+        priced[key] = usd
+    threads: dict[str, set[int]] = {}
+    for (_, key), row in latest.items():
+        threads.setdefault(key, set()).add(row["threads"])
+    return Comparison(
+        devices=[base, *(k for k in labels if k != base)],
+        labels=labels,
+        baseline=base,
+        prices=priced,
+        latest=latest,
+        superseded=superseded,
+        threads=threads,
+    )
+
+
+def parse_price(text: str) -> tuple[str, float]:
+    """``DEVICE=USD_PER_HOUR`` -> (DEVICE, price); DEVICE as for ``resolve_device``."""
+    device, sep, usd = text.rpartition("=")
+    try:
+        price = float(usd)
+    except ValueError:
+        price = math.nan
+    if not sep or not device.strip() or math.isnan(price):
+        raise InputError(f"--price: expected DEVICE=USD_PER_HOUR such as cpu_amd-epyc_2c=0.10, got {text!r}")
+    return device.strip(), price
+
+
+def resolve_device(spec: str, labels: dict[str, str], option: str = "--baseline") -> str:
+    """The device key ``spec`` names: a key or label in full (any case), else the one device whose key or
+    label contains it. None or several: an InputError listing the devices."""
+    wanted = spec.strip().lower()
+    available = "; ".join(f"{key} ({text})" for key, text in labels.items())
+    if not wanted:
+        raise InputError(f"{option}: expected a device, got an empty name; devices in these rows: {available}")
+    exact = [key for key, text in labels.items() if wanted in (key.lower(), text.lower())]
+    found = exact or [key for key, text in labels.items() if wanted in key.lower() or wanted in text.lower()]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError(f"{option} {spec!r}: expected a device of these rows, none matches; devices: {available}")
+    raise InputError(
+        f"{option} {spec!r}: expected one device, it matches {len(found)} ({', '.join(found)}); give more of the "
+        f"key; devices: {available}"
+    )
+
+
+def _times(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _usd(v: float) -> str:
+    """3 significant digits, never in exponent form: $0.000743, $0.0000139, $1.25."""
+    if v == 0 or abs(v) >= 100:
+        return f"${v:,.0f}"
+    return f"${v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}"
+
+
+def comparison_table(cmp: Comparison) -> str:
+    """A line per case; per metric a column per device: end-to-end latency (s), speedup against the
+    baseline, UNet step (ms) and its speedup, images per second, USD per image (the devices priced)."""
+    devices, others = cmp.devices, cmp.devices[1:]
+    n = cmp.name
+    head = [
+        "case",
+        *(f"{n(d)} end to end s" for d in devices),
+        *(f"{n(d)} speedup" for d in others),
+        *(f"{n(d)} UNet step ms" for d in devices),
+        *(f"{n(d)} UNet speedup" for d in others),
+        *(f"{n(d)} img/s" for d in devices),
+        *(f"{n(d)} $/image" for d in devices if d in cmp.prices),
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cmp.cases:
+        cells = [
+            str(c),
+            *(_opt(cmp.median(c, d, "end_to_end_s")) for d in devices),
+            *(_opt(cmp.speedup(c, d), _times) for d in others),
+            *(_opt(cmp.median(c, d, "unet_step_ms")) for d in devices),
+            *(_opt(cmp.speedup(c, d, "unet_step_ms"), _times) for d in others),
+            *(_opt(cmp.median(c, d, "images_per_s")) for d in devices),
+            *(_opt(cmp.cost_per_image(c, d), _usd) for d in devices if d in cmp.prices),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_step_table(cmp: Comparison) -> str:
+    """The UNet step compared across step counts: a step costs the same however many a run takes, so rows
+    of one model, size, batch, implementation and precision compare per step even where the devices ran
+    different step counts (the latest row of each device; its step count in brackets)."""
+    latest: dict[tuple[Case, str], dict] = {}
+    for (case, device), row in cmp.latest.items():
+        slot = (replace(case, steps=0), device)
+        old = latest.get(slot)
+        if old is None or str(row.get("timestamp") or "") >= str(old.get("timestamp") or ""):
+            latest[slot] = row
+
+    def step_ms(case: Case, device: str) -> float | None:
+        m = latest[(case, device)]["metrics"].get("unet_step_ms") if (case, device) in latest else None
+        return m["median"] if m and m.get("n") else None
+
+    devices, others, n = cmp.devices, cmp.devices[1:], cmp.name
+    head = ["model, batch, size · implementation · precision", *(f"{n(d)} UNet step ms" for d in devices)]
+    head += [f"{n(d)} per-step speedup" for d in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in sorted({c for c, _ in latest}):
+        cells = [str(case).replace(" 0 steps", "")]
+        for d in devices:
+            ms = step_ms(case, d)
+            cells.append(_opt(ms) + (f" ({latest[(case, d)]['steps']} steps)" if ms is not None else ""))
+        base = step_ms(case, cmp.baseline)
+        for d in others:
+            mine = step_ms(case, d)
+            cells.append(_opt(base / mine if base and mine else None, _times))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def devices_table(cmp: Comparison) -> str:
+    """The devices compared: short name, label, key, threads, price, cases and rows superseded."""
+    lines = ["| | device | key | threads | $/hour | cases | runs superseded |", "|---|---|---|---|---|---|---|"]
+    for d in cmp.devices:
+        cells = [
+            f"{cmp.name(d)}{' (baseline)' if d == cmp.baseline else ''}",
+            cmp.labels[d],
+            f"`{d}`",
+            ", ".join(map(str, sorted(cmp.threads.get(d, ())))),
+            _opt(cmp.prices.get(d), lambda p: f"{p:,.2f}" if p >= 0.01 or p == 0 else f"{p:g}"),
+            str(sum(1 for _, key in cmp.latest if key == d)),
+            str(cmp.superseded.get(d, 0)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(cmp: Comparison, chart_file: str | None = None) -> str:
+    baseline = f"{cmp.name(cmp.baseline)}, {cmp.labels[cmp.baseline]}"
+    return (
+        f"## Devices compared\n\n{devices_table(cmp)}\n\n{comparison_table(cmp)}\n\n"
+        f"A line per case (model, batch, size, steps, implementation/backend, precision). Seconds end to end and "
+        f"milliseconds per UNet step are the medians of the device's row; speedup is the baseline's (device {baseline}) "
+        f"median over the device's on the same case, so 2.00x is twice as fast. img/s: the row's median images "
+        f"per second. $/image: the device's price per hour (--price) / 3600 / img/s. — : the device (or, for a "
+        f"speedup, the baseline) did not measure the case. A device that measured a case more than once "
+        f"(repeated runs) is represented by its latest row; the earlier ones are counted as superseded above.\n"
+        + f"\n### UNet step across step counts\n\n{per_step_table(cmp)}\n\n"
+        "A UNet step costs the same whatever the run's step count, so this compares devices per step where "
+        "they ran the same model, batch, size, implementation and precision at different step counts.\n"
+        + (f"\n![device comparison]({chart_file})\n" if chart_file else "")
+    )
+
+
+def compare_chart(cmp: Comparison, path: Path) -> list[dict]:
+    """Horizontal bars, a group per case and a bar per device: end-to-end latency (median, whiskers
+    p10-p90), each bar labelled with its speedup against the baseline. Returns the bars as drawn (read
+    back from the plot): case, device key, end_to_end_s (the bar's length) and the label beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases, devices = cmp.cases, cmp.devices
+    height = 0.8 / len(devices)
+    fig, ax = plt.subplots(figsize=(12, 1.5 + len(cases) * (0.3 + 0.28 * len(devices))))
+    palette = plt.get_cmap("tab10")
+    drawn: list[dict] = []
+    for j, d in enumerate(devices):
+        at = [(i, c) for i, c in enumerate(cases) if cmp.median(c, d, "end_to_end_s") is not None]
+        metrics = [cmp.latest[(c, d)]["metrics"]["end_to_end_s"] for _, c in at]
+        values = [m["median"] for m in metrics]
+        bars = ax.barh(
+            [i + (j - (len(devices) - 1) / 2) * height for i, _ in at],
+            values,
+            height=0.92 * height,
+            xerr=[
+                [max(0.0, m["median"] - m.get("p10", m["median"])) for m in metrics],
+                [max(0.0, m.get("p90", m["median"]) - m["median"]) for m in metrics],
+            ],
+            color=palette(j % 10),
+            capsize=2,
+            label=f"{cmp.name(d)}: {cmp.labels[d]}{' (baseline)' if d == cmp.baseline else ''}",
+        )
+        for rect, (_, c), m in zip(bars.patches, at, metrics):
+            speedup = cmp.speedup(c, d)
+            base = cmp.name(cmp.baseline)
+            note = "baseline" if d == cmp.baseline else f"{MISSING if speedup is None else _times(speedup)} vs {base}"
+            text = f" {cmp.name(d)} {_num(rect.get_width())} s · {note}"
+            ax.text(
+                max(rect.get_width(), m.get("p90", 0.0)),
+                rect.get_y() + rect.get_height() / 2,
+                text,
+                va="center",
+                fontsize=7,
+            )
+            drawn.append({"case": str(c), "device": d, "end_to_end_s": rect.get_width(), "label": text.strip()})
+    values = [b["end_to_end_s"] for b in drawn if b["end_to_end_s"] > 0]
+    if values and min(values) * 20 < max(values):  # cases far apart (tiny and full-size models)
+        ax.set_xscale("log")
+    ax.set_yticks(range(len(cases)))
+    ax.set_yticklabels([str(c).replace(" · ", "\n", 1) for c in cases], fontsize=8)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("end to end, seconds (median; whiskers p10-p90)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"sdrt by device: end-to-end latency per case, speedup against {cmp.name(cmp.baseline)}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(
+    files: list[Path],
+    out_dir: Path,
+    baseline: str | None = None,
+    prices: list[str] | dict[str, float] | None = None,
+) -> tuple[Path, Path, int]:
+    """report.md (the per-row table, the device comparison, the load rows), report.png (per row) and
+    compare.png (per case and device) in ``out_dir``. Returns report.md, report.png and its bar count."""
     rows = load_rows(files)
+    comparison = compare(rows, baseline, prices) if measured(rows) else None  # bad device names: before writing
+    if comparison is None and (baseline is not None or prices):
+        raise InputError(
+            "--baseline/--price: expected measured benchmark rows to compare devices, found only load rows"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     png = out_dir / "report.png"
     bars = chart(rows, png) if measured(rows) else 0  # load rows alone: no latency chart
+    if comparison is not None:
+        compare_chart(comparison, out_dir / COMPARE_CHART)
     loads = sum(map(_is_load, rows))
     md.write_text(
         "# sdrt benchmark report\n\n"
@@ -319,8 +665,12 @@ def write_report(files: list[Path], out_dir: Path) -> tuple[Path, Path, int]:
         "MatMul rate measured on the same machine in the same run. Load s and peak RSS are each "
         "implementation's own process's (schema 2). — marks a figure the row does not carry (schema 1).\n\n"
         f"{markdown_table(rows)}\n\n{'![latency chart](report.png)' if bars else ''}\n{LOAD_NOTE if loads else ''}"
+        + (f"\n{comparison_markdown(comparison, COMPARE_CHART)}" if comparison is not None else "")
     )
     return md, png, bars
+
+
+COMPARE_CHART = "compare.png"
 
 
 LOAD_NOTE = (
