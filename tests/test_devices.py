@@ -159,11 +159,24 @@ def test_different_cpus_write_different_result_files(fake_cpu, tmp_path):
     for description in (ZEN4, ZEN3, ZEN4):
         device = fake_cpu(**description)
         context = bench.Context(config, {}, {}, 1, device)
-        bench._append(context, [{"schema": bench.ROW_SCHEMA, "device": device}], progress=lambda line: None)
+        measured = {"schema": bench.ROW_SCHEMA, "device": device, "implementation": "sdrt", "backend": "onnxruntime"}
+        measured |= {"precision": "fp32", "threads": 2, "batch": 1, "height": 64, "width": 64, "steps": 2}
+        measured |= {
+            "timestamp": f"2026-12-03T00:00:0{len(written)}Z",
+            "metrics": {"end_to_end_s": {"n": 1, "median": 1.0 + len(written)}},
+        }
+        bench._append(context, [measured], progress=lambda line: None)
         written.append(bench.results_file(config.results_dir, device))
     assert written[0] != written[1] and written[0] == written[2]
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted({p.name for p in written})
     assert len(written[0].read_text().splitlines()) == 2 and len(written[1].read_text().splitlines()) == 1
+    # ... and appear in the report as two devices, each with its own (latest) row of the one case
+    from sdrt.benchmarks import report
+
+    cmp = report.compare(report.load_rows(sorted(set(written))))
+    assert sorted(cmp.devices) == sorted({device_key(fake_cpu(**d)) for d in (ZEN4, ZEN3)})
+    (case,) = cmp.cases
+    assert {cmp.median(case, device_key(fake_cpu(**d)), "end_to_end_s") for d in (ZEN4, ZEN3)} == {3.0, 2.0}
     from sdrt.benchmarks.load import results_file as load_file
 
     assert load_file(tmp_path, fake_cpu(**ZEN3)).name == f"load_{written[1].name}"
