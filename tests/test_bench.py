@@ -283,6 +283,7 @@ def test_table_and_chart_from_hand_written_rows(tmp_path):
     assert chart([row, row], tmp_path / "c.png") == 8
 
 
+@pytest.mark.slow  # diffusers' SDXL baseline run; the SDXL bench rows' plumbing is shared with SD's tests
 def test_sdxl_bench_runs_beside_the_diffusers_sdxl_pipeline(family_artifacts, tmp_path):
     """The benchmark on the tiny SDXL model: its baseline is diffusers' StableDiffusionXLPipeline (the class the
     model folder names), and the UNet FLOPs count the SDXL inputs."""

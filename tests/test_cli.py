@@ -126,6 +126,7 @@ def test_generate_inpainting(model, family_artifacts, tmp_path, capsys, rng):
     np.testing.assert_array_equal(_image(tmp_path / "out.png"), result.images[0])
 
 
+@pytest.mark.slow  # the refiner's export (~70 s) is kept out of the default suite's time budget
 def test_generate_sdxl_base_and_refiner(family_artifacts, tmp_path, capsys):
     """The refiner continues from the base's latents: the CLI's image is the two Pipelines' own handoff."""
     from sdrt.runtime import Pipeline
@@ -156,7 +157,7 @@ TASK_ERRORS = [  # (model, options, the message after "sdrt generate: error: ");
     ("tiny", ["--refiner", "{tmp}"], "--refiner: artifacts: expected {tmp}/manifest.json"),
     ("tiny", ["--refiner", "{tmp}", "--image", "{tmp}/m.png", "--mask", "{tmp}/m.png"], "--refiner: the base hands"),
     ("tiny", ["--aesthetic-score", "7"], "--aesthetic-score: micro-conditioning of an SDXL refiner, expected such"),
-    ("tiny-sdxl-refiner", [], "--artifacts: {artifacts} is an SDXL refiner, which refines an image; expected --image"),
+    pytest.param("tiny-sdxl-refiner", [], "--artifacts: {artifacts} is an SDXL refiner, which refines an image; expected --image", marks=pytest.mark.slow),
     pytest.param("tiny-sd-inpaint", ["--image", "{tmp}/m.png"], "--artifacts: {artifacts} is an inpainting model (9-channel UNet)", marks=pytest.mark.slow),
 ]
 # fmt: on

@@ -382,7 +382,7 @@ def test_onnxruntime_tensorrt_provider_gets_the_same_profiles(tiny_artifacts):
 
 def test_sdxl_profiles_cover_the_extra_unet_inputs_and_both_text_encoders(family_artifacts):
     """`sdrt engines` on SDXL prints a profile for text_embeds and time_ids (doubled batch like the UNet's
-    sample), and for both text encoders; the refiner's time ids have 5 values."""
+    sample), and for both text encoders."""
     sdxl = family_artifacts("tiny-sdxl")
     run = subprocess.run(
         [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(sdxl), "--batch", "1:2:4", "--no-cpu"],
@@ -400,6 +400,10 @@ def test_sdxl_profiles_cover_the_extra_unet_inputs_and_both_text_encoders(family
         f"  text_encoder_2 input_ids              min (1, {n})  opt (4, {n})  max (8, {n})",
     ):
         assert expected in lines, f"{expected!r} not in:\n{run.stdout}"
+
+
+@pytest.mark.slow  # the refiner's export (~70 s) is kept out of the default suite's time budget
+def test_sdxl_refiner_profile_has_five_time_ids_and_only_the_second_encoder(family_artifacts):
     refiner = Manifest.load(family_artifacts("tiny-sdxl-refiner"))
     profile = input_profile(refiner.components["unet"], refiner, RANGES)
     assert profile["time_ids"] == ((1, 5), (2 * RANGES.batch.opt, 5), (2 * RANGES.batch.max, 5))

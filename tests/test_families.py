@@ -103,6 +103,7 @@ def test_sdxl_micro_conditioning_and_no_guidance(sdxl, sdxl_reference, rng):
     assert not np.array_equal(plain.images, ours)  # the time ids reach the UNet
 
 
+@pytest.mark.slow  # the refiner's export (~70 s) is kept out of the default suite's time budget
 def test_sdxl_base_then_refiner(sdxl, family_artifacts, family_models, sdxl_reference):
     """diffusers' ensemble of experts: the base denoises the first 80 %, the refiner the rest, on its latents."""
     prompt, steps, split = "a lion in the savanna", 6, 0.7
