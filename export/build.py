@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.export import graph
+from sdrt.export import graph, lora_map
 from sdrt.export.atomic import atomic_directory
 from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, source_files
 from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxslim")
 
 # The modules whose code decides what the artifacts contain (not the CLI or the engine builder).
-ARTIFACT_CODE = ("build.py", "graph.py", "modules.py", "onnx_export.py", "../runtime/families.py")
+ARTIFACT_CODE = (
+    "build.py", "graph.py", "modules.py", "onnx_export.py", "lora_map.py", "../runtime/families.py", "../runtime/lora.py",
+)  # fmt: skip
 
 PRECISIONS = ("fp32", "fp16")
 # Per-component precisions: fp16 everywhere, except the parts known to overflow in fp16.
@@ -52,6 +54,8 @@ class ExportOptions:
     vae: str | None = None  # a VAE folder (AutoencoderKL or AutoencoderTiny) replacing the model's own
     # Read pickle checkpoints (.bin) where a part has no safetensors weights: unpickling can run code.
     allow_pickle: bool = False
+    # LoRA adapters merged into the weights before the export: (path to a .safetensors file, scale).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         unknown = [c for c in self.components if c not in ALL_COMPONENTS]
@@ -122,6 +126,10 @@ def input_fingerprint(source: Path, options: ExportOptions) -> str:
     for path in source_files(source, vae, options.allow_pickle):
         where = path.relative_to(source) if path.is_relative_to(source) else Path("vae-override") / path.name
         h.update(f"{where.as_posix()}\0{sha256_file(path)}\n".encode())
+    for path, scale in options.loras:
+        if not Path(path).is_file():
+            raise ExportError(f"lora: expected a .safetensors file, got {path!r}, which does not exist")
+        h.update(f"lora\0{sha256_file(Path(path))}\0{float(scale)!r}\n".encode())
     here = Path(__file__).parent
     code = {Path(name).name: sha256_file(here / name) for name in ARTIFACT_CODE}
     h.update(
@@ -171,6 +179,7 @@ def export_pipeline(
         raise ExportError(f"vae: expected a folder holding an AutoencoderKL or AutoencoderTiny, got {options.vae!r}")
     pipe = load_pipeline(source, Path(options.vae) if options.vae else None, options.allow_pickle)
     names = options.components_of(pipe.family)
+    fused = lora_map.fuse(pipe.parts, [(Path(p), s) for p, s in options.loras]) if options.loras else []
     seconds["load"] = time.perf_counter() - t0
     with atomic_directory(out_dir) as tmp:
         components = {}
@@ -195,6 +204,8 @@ def export_pipeline(
         shutil.copyfile(source / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
         _carry_engines(out_dir, tmp)
         manifest = _manifest(pipe, model, revision, components, tokenizers, options, fingerprint, seconds)
+        if fused:
+            manifest.build["fused_loras"] = fused
         manifest.build["seconds"]["total"] = time.perf_counter() - started
         manifest.save(tmp)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - started)
@@ -257,7 +268,17 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
             verification["psnr_db"],
             time.perf_counter() - t0,
         )
+    lora_targets, lora_summary = {}, {}
+    if name in lora_map.ADAPTABLE:
+        t0 = time.perf_counter()
+        lora_targets, lora_summary = lora_map.lora_targets(pipe.parts[name], path)
+        log.info(
+            "    LoRA map: %d of %d Linear/Conv2d weights located in the graph in %.1f s",
+            lora_summary["mapped"], lora_summary["modules"], time.perf_counter() - t0,
+        )  # fmt: skip
     optimization = {"steps": steps}
+    if lora_summary:
+        optimization["lora_map"] = lora_summary
     if "ort-fusion" in options.optimizations:
         optimization["runs_in"] = "onnxruntime only (com.microsoft contrib operators)"
     return Component(
@@ -269,6 +290,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
         outputs=list(spec.outputs),
         verification=verification,
         optimization=optimization,
+        lora_targets=lora_targets,
     )
 
 

@@ -67,6 +67,15 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         help="read a part's pickle checkpoint (.bin) when it has no safetensors weights; unpickling can run "
         "arbitrary code, so only for models from a source you trust (by default only safetensors are read)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="merge a LoRA adapter (.safetensors: diffusers/peft or kohya format) into the weights before the "
+        "export, at SCALE (default 1); repeatable. The manifest records each file's sha256 and scale. For "
+        "adapters chosen per request instead, see `sdrt generate --lora`",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
     p.set_defaults(func=_export)
@@ -75,6 +84,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from sdrt.export.build import ExportOptions, export_pipeline
     from sdrt.runtime.errors import ExportError
+    from sdrt.runtime.lora import parse_cli_arg
 
     overrides = []
     for item in args.component_precision:
@@ -91,6 +101,7 @@ def _export(args: argparse.Namespace) -> int:
         optimizations=tuple(args.optimize),
         vae=args.vae,
         allow_pickle=args.allow_pickle,
+        loras=tuple(parse_cli_arg(item) for item in args.lora),
     )
     report = export_pipeline(args.model, args.out, options, revision=args.revision, force=args.force)
     m = report.manifest
@@ -177,6 +188,12 @@ def register_engines(sub: argparse._SubParsersAction) -> None:
         "--require", action="store_true", help="fail (exit 1) instead of skipping when TensorRT is unavailable"
     )
     p.add_argument(
+        "--refittable",
+        action="store_true",
+        help="build engines whose weights can be replaced after the build (TensorRT refit), which LoRA adapters "
+        "chosen per request need on the tensorrt backend",
+    )
+    p.add_argument(
         "--no-cpu",
         action="store_true",
         help="skip the onnxruntime CPU engines (graphs optimized once for this CPU, loaded in about a second)",
@@ -207,6 +224,7 @@ def _engines(args: argparse.Namespace) -> int:
         workspace_bytes=None if args.workspace_gb is None else int(args.workspace_gb * 2**30),
         components=components,
         timing_cache=args.timing_cache,
+        refittable=args.refittable,
     )
     manifest = Manifest.load(args.artifacts)
     if not args.no_cpu:

@@ -49,6 +49,8 @@ class EngineOptions:
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     components: tuple[str, ...] = ENGINE_COMPONENTS
     timing_cache: Path | None = None  # None: <device folder>/timing.cache
+    # Weights replaceable after the build (TensorRT refit): what LoRA adapters at run time need.
+    refittable: bool = False
 
     def __post_init__(self):
         if self.precision not in ENGINE_PRECISIONS:
@@ -77,6 +79,7 @@ def build_options(component: Component, options: EngineOptions) -> dict:
         "bf16_flag": options.precision == "bf16" and not strongly_typed,
         "optimization_level": options.optimization_level,
         "workspace_bytes": options.workspace_bytes,
+        **({"refittable": True} if options.refittable else {}),  # absent when off: older records stay current
     }
 
 
@@ -97,6 +100,7 @@ def loader_chain(onnx_path: Path, profile: dict, build: dict, timing_cache: Path
         profiles=[trt_profile],
         builder_optimization_level=build["optimization_level"],
         load_timing_cache=str(timing_cache),
+        refittable=build.get("refittable") or None,
     )
     if build["workspace_bytes"]:
         limit = build["workspace_bytes"]

@@ -465,6 +465,7 @@ def _quantize_component(
         precision="int8",
         verification={},
         optimization=optimization,
+        lora_targets={},  # int8 weights cannot take a float update: LoRA on int8 artifacts is fused at export
     )
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrt.runtime.errors import BackendError, InputError
@@ -36,6 +36,9 @@ class LoadOptions:
     cuda_graph: bool = False  # tensorrt, static-shape UNet engine: replay its launch as a CUDA graph
     trt_ranges: ShapeRanges | None = None  # onnxruntime-tensorrt: the shape ranges of its engines
     cache: bool = True  # use (and fill) per-machine compiled-graph caches under engines/
+    # Initializer name -> replacement values (LoRA-merged weights): the session runs the graph with these
+    # weights instead of the file's; its compiled-graph caches are not used (they hold the file's weights).
+    weights: Mapping | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,9 @@ def _ort_open(providers: tuple[str, ...]) -> Callable[[Path, Manifest, Component
             from sdrt.runtime.ort_tensorrt import provider_options as trt_options
 
             provider_options = trt_options(root, component, manifest, options.trt_ranges or ShapeRanges())
-        use_engine = options.cache and providers == (CPU,)  # engines are made for the CPU provider
-        return OrtSession(root, component, providers, options.threads, provider_options, use_engine)
+        # Engines are made for the CPU provider, and hold the file's weights (under other names).
+        use_engine = options.cache and providers == (CPU,) and not options.weights
+        return OrtSession(root, component, providers, options.threads, provider_options, use_engine, options.weights)
 
     return open_ort
 
@@ -167,7 +171,13 @@ def _trt_open(root: Path, manifest: Manifest, component: Component, options: Loa
     from sdrt.runtime.tensorrt_backend import TensorRTSession
 
     precision = None if options.precision == "fp32" else options.precision
-    return TensorRTSession(root, component, precision, use_cuda_graph=options.cuda_graph and component.name == "unet")
+    return TensorRTSession(
+        root,
+        component,
+        precision,
+        use_cuda_graph=options.cuda_graph and component.name == "unet",
+        weights=options.weights,
+    )
 
 
 # -- OpenVINO -------------------------------------------------------------------------------------
@@ -186,8 +196,8 @@ def _ov_precisions() -> tuple[str, ...]:
 def _ov_open(root: Path, manifest: Manifest, component: Component, options: LoadOptions) -> Session:
     from sdrt.runtime.openvino_backend import OpenVINOSession, cache_folder
 
-    cache_dir = cache_folder(root, component) if options.cache else None
-    return OpenVINOSession(root, component, options.threads, options.precision, cache_dir)
+    cache_dir = cache_folder(root, component) if options.cache and not options.weights else None
+    return OpenVINOSession(root, component, options.threads, options.precision, cache_dir, options.weights)
 
 
 def _ort_backend(name: str, device: str, description: str, providers: tuple[str, ...]) -> Backend:

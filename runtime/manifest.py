@@ -65,6 +65,8 @@ class Component:
     # takes as scalars (optimum's UNet takes one timestep for the whole batch).
     graph_names: dict[str, str] = field(default_factory=dict)
     scalar_inputs: list[str] = field(default_factory=list)
+    # LoRA: module name (as diffusers names it) -> {"initializer", "shape", "layout"} (sdrt.runtime.lora.Target).
+    lora_targets: dict[str, dict] = field(default_factory=dict)
 
     @property
     def path(self) -> str:
@@ -83,6 +85,7 @@ class Component:
             optimization=d.get("optimization", {}),
             graph_names=d.get("graph_names", {}),
             scalar_inputs=d.get("scalar_inputs", []),
+            lora_targets=d.get("lora_targets", {}),
         )
 
 

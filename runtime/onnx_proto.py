@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,3 +439,93 @@ _TYPE = frozenset((1,))
 _TENSOR_TYPE = frozenset((1, 2))
 _SHAPE = frozenset((1,))
 _DIM = frozenset((1, 2))
+
+
+# -- reading weights (LoRA merging needs the base weights the graph holds) ----------------------------
+@dataclass(frozen=True)
+class Initializer:
+    """Where one of the main graph's initializers keeps its bytes: inline (``location`` "") at
+    ``offset`` of the graph file, or at ``offset`` of the external data file ``location``."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    location: str
+    offset: int
+    length: int
+
+    @property
+    def dtype(self) -> str | None:
+        return DTYPE_NAMES.get(self.data_type)
+
+
+_INIT_TENSOR = frozenset((1, 2, 8, 9, 13, 14))
+
+
+def read_initializers(path: str | Path, names: Collection[str]) -> dict[str, Initializer]:
+    """Where the main graph's initializers ``names`` keep their bytes (names not found are absent).
+
+    Only raw bytes are supported (``raw_data`` or external data), which is what every exporter writes
+    for weights; an initializer named here in another encoding is an ArtifactError."""
+    path, wanted = Path(path), set(names)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            reader = _Reader(buf, path)
+            found: dict[str, Initializer] = {}
+            for number, wire, a, b in reader._message(0, len(buf), frozenset((7,))):
+                if number != 7 or wire != _LEN:
+                    continue
+                for n, w, c, d in reader._message(a, b, frozenset((5,))):
+                    if n == 5 and w == _LEN:
+                        init = _initializer(reader, c, d, wanted)
+                        if init is not None:
+                            found[init.name] = init
+            return found
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: expected a readable ONNX file, got {e} (re-run the export)") from e
+
+
+def _initializer(reader: _Reader, start: int, end: int, wanted: set[str]) -> Initializer | None:
+    name, data_type, dims, raw, entries, location = "", 0, [], None, {}, 0
+    for number, wire, a, b in reader._message(start, end, _INIT_TENSOR):
+        if number == 8 and wire == _LEN:
+            name = reader._text(a, b)
+        elif number == 1:
+            if wire == _VARINT:
+                dims.append(reader._int64(a))
+            elif wire == _LEN:
+                pos = a
+                while pos < b:
+                    value, pos = reader._varint(pos, b)
+                    dims.append(reader._int64(value))
+        elif number == 2 and wire == _VARINT:
+            data_type = a
+        elif number == 9 and wire == _LEN:
+            raw = (a, b - a)
+        elif number == 13 and wire == _LEN:
+            key = value = None
+            for n, w, c, d in reader._message(a, b, _ENTRY):
+                if w == _LEN and n == 1:
+                    key = reader._text(c, d)
+                elif w == _LEN and n == 2:
+                    value = reader._text(c, d)
+            if key is not None:
+                entries[key] = value or ""
+        elif number == 14 and wire == _VARINT:
+            location = a
+    if name not in wanted:
+        return None
+    if location == EXTERNAL:
+        try:
+            offset, length = int(entries.get("offset", "0")), int(entries["length"])
+        except (KeyError, ValueError):
+            raise ArtifactError(
+                f"{reader.path}: initializer {name!r}: expected external data with a numeric 'length', got {entries}"
+            ) from None
+        return Initializer(name, data_type, tuple(dims), entries.get("location", ""), offset, length)
+    if raw is None:
+        raise ArtifactError(
+            f"{reader.path}: initializer {name!r}: expected its values as raw bytes (raw_data or external data), "
+            "got another encoding (re-export with sdrt)"
+        )
+    return Initializer(name, data_type, tuple(dims), "", raw[0], raw[1])

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,27 @@ def _loaded_from_cache(compiled) -> bool:
         return False
 
 
+def _with_weights(ov, model, path: Path, weights: Mapping[str, np.ndarray]):
+    """``model`` with the Constants named after the initializers in ``weights`` holding those values."""
+    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    missing = [name for name in weights if name not in constants]
+    if missing:
+        raise ArtifactError(
+            f"{path}: expected OpenVINO's model to hold the initializers {missing[:3]} as constants, it does not "
+            "(this graph cannot take LoRA weights on OpenVINO; fuse the adapter with `sdrt export --lora`)"
+        )
+    for name, value in weights.items():
+        old = constants[name]
+        if tuple(old.get_output_shape(0)) != tuple(value.shape):
+            raise ArtifactError(
+                f"{path}: constant {name!r}: expected shape {tuple(old.get_output_shape(0))}, got {value.shape}"
+            )
+        new = ov.opset13.constant(np.ascontiguousarray(value), name=name)
+        old.output(0).replace(new.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 class OpenVINOSession:
     """One graph compiled for the CPU with one InferRequest, created once and reused by every ``run``.
 
@@ -150,6 +172,7 @@ class OpenVINOSession:
         threads: int = 0,
         precision: str = "fp32",
         cache_dir: Path | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
     ):
         ov = _openvino()
         self.name = component.name
@@ -163,7 +186,13 @@ class OpenVINOSession:
         cache = _usable_cache_dir(cache_dir)
         config = compile_config(precision, threads, cache)
         try:
-            if cache is not None:
+            if weights:
+                # LoRA-merged weights: the initializers' Constants replaced in the read model, then compiled
+                # (constant folding and weight repacking see the new values, as if the file held them).
+                compiled = core.compile_model(
+                    _with_weights(ov, core.read_model(str(path)), path, weights), DEVICE, config
+                )
+            elif cache is not None:
                 # Compiled from the path, a cache hit imports the compiled blob without reading the ONNX
                 # (seconds for SD 1.5's UNet). OpenVINO keys a path by its name, size and mtime, not by
                 # its external data file, so the caller must give a folder keyed by the graph's content

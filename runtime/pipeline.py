@@ -12,6 +12,7 @@ random draws, with NumPy arrays between components. A call runs four stages, eac
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.runtime import backends, conditioning, families, schedulers, validation
+from sdrt.runtime import backends, conditioning, families, lora, schedulers, validation
 from sdrt.runtime.errors import InputError, NumericalError, SdrtError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
@@ -45,6 +46,7 @@ class GenerationResult:
     seed: int  # the seed of the generator used (drawn at random when none was given)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; "unet_steps" per step
     latents: np.ndarray | None = None  # the final latents with output_type="latent" (for a refiner's image=)
+    loras: list[dict] = field(default_factory=list)  # the adapters applied: name, sha256, scale
 
     def to_pil(self) -> list:
         from PIL import Image
@@ -128,7 +130,9 @@ class _Job:
     output_type: str
     callback: StepCallback | None
     t_start: float
+    adapters: lora.AdapterSet = lora.BASE
     timings: dict = field(default_factory=dict)
+    sessions: dict | None = None  # the base's sessions, with the adapter set's for the components it changes
     cond: Conditioning | None = None
     start: Latents | None = None
     noise: Any = None
@@ -141,8 +145,8 @@ class _Job:
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys can share UNet calls: same latent size, steps and timesteps."""
-        return (self.shape[2:], self.steps, np.asarray(self.run.timesteps[: self.steps]).tobytes())
+        """Jobs with equal keys can share UNet calls: same latent size, steps, timesteps and adapter set."""
+        return (self.shape[2:], self.steps, np.asarray(self.run.timesteps[: self.steps]).tobytes(), self.adapters.key)
 
 
 class StepTimes:
@@ -181,6 +185,8 @@ class Pipeline:
         precision: str = "fp32",
         load_timings: dict[str, float] | None = None,
         limits: Limits | None = None,
+        open_adapted: Callable[[str, Mapping[str, np.ndarray]], Session] | None = None,
+        lora_limits: lora.LoraLimits | None = None,
     ):
         self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
         self.limits = limits or Limits()  # what one call may ask for (sdrt.runtime.validation)
@@ -196,6 +202,23 @@ class Pipeline:
             )
         self.scheduler_config = schedulers.read_config(root / manifest.scheduler_config)
         self.scheduler = schedulers.from_config(self.scheduler_config, scheduler)
+        # LoRA adapters: files by registered name (register_lora) or path, and sessions per adapter set.
+        self.loras = lora.Registry(lora_limits or lora.LoraLimits())
+        self.lora_paths = True  # a call may name adapter files by path (sdrt serve turns this off)
+        self.adapters = lora.AdapterSessions(root, manifest, open_adapted or self._no_adapted, self.loras.limits)
+        self._last_adapters: tuple = ()
+        self.adapter_switches = 0
+
+    def _no_adapted(self, component: str, weights) -> Session:
+        raise InputError(
+            "loras: this pipeline was built without a backend to open adapted sessions (use Pipeline.load)"
+        )
+
+    def register_lora(self, name: str, path: str | Path) -> lora.LoraFile:
+        """Make the adapter file at ``path`` known as ``name`` (read and checked now, against these artifacts)."""
+        found = self.loras.file(Path(path))
+        self.adapters.check(lora.AdapterSet(((found, 1.0),)))
+        return self.loras.register(name, path)
 
     @staticmethod
     def components_of(manifest: Manifest) -> tuple[str, ...]:
@@ -216,6 +239,7 @@ class Pipeline:
         cache: bool = True,
         components: tuple[str, ...] | list[str] | None = None,
         limits: Limits | None = None,
+        lora_limits: lora.LoraLimits | None = None,
     ) -> Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
         or an optimum ONNX export, on ``backend`` (see ``sdrt.runtime.backends``).
@@ -227,7 +251,9 @@ class Pipeline:
         engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px). ``components``:
         open only these (the text encoders and the UNet always), e.g. no VAE decoder for an SDXL base that
         hands latents to its refiner; a call that needs one not opened is refused, naming it. ``limits``:
-        the most one call may ask for (images, steps, pixels; see ``sdrt.runtime.validation.Limits``)."""
+        the most one call may ask for (images, steps, pixels; see ``sdrt.runtime.validation.Limits``).
+        ``lora_limits``: adapters per call, file size, rank, and how many adapter sets keep their sessions
+        (``sdrt.runtime.lora.LoraLimits``)."""
         t_start = t0 = time.perf_counter()
         root = Path(artifacts)
         record = backends.get(backend)
@@ -252,7 +278,11 @@ class Pipeline:
             for session in sessions.values():
                 session.close()
             raise
-        pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits)
+
+        def open_adapted(name: str, weights: Mapping[str, np.ndarray]) -> Session:
+            return record.open(root, manifest, manifest.components[name], dataclasses.replace(options, weights=weights))
+
+        pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits, open_adapted, lora_limits)
         pipe.load_timings["total"] = time.perf_counter() - t_start
         return pipe
 
@@ -297,6 +327,7 @@ class Pipeline:
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
         callback: StepCallback | None = None,
+        loras: Sequence[tuple[str | Path, float]] | None = None,
     ) -> GenerationResult:
         """Generate images; arguments as diffusers' pipelines for the model's family and the task.
 
@@ -316,6 +347,10 @@ class Pipeline:
         ``torch.Generator("cpu").manual_seed(seed)``, so the same seed gives diffusers' image; ``rng="numpy"``
         uses NumPy's PCG64 instead. ``latents`` replaces the initial noise draw. ``scheduler`` overrides the
         model's sampler by name (see ``sdrt.runtime.schedulers``).
+
+        ``loras``: LoRA adapters for this call, ``[(registered name or path to a .safetensors file, scale),
+        ...]``; empty or None is the base model. The first call with a set merges its weights and opens
+        sessions for the components it changes; later calls with that set reuse them (see ``LoraLimits``).
 
         Every argument is checked before anything the size of an image is allocated: a bad one raises
         ``InputError`` naming it, a request beyond ``self.limits`` raises ``BudgetError``, and a component
@@ -380,17 +415,35 @@ class Pipeline:
             if request.task == "image-to-image":
                 raise InputError("latents: image-to-image noises the encoded image; give a seed instead of latents")
             latents = validation.finite_array("latents", latents, shape=shape)
+        adapters = self.loras.adapter_set(a["loras"], allow_paths=self.lora_paths)
+        self.adapters.check(adapters)
         seed = int(np.random.SeedSequence().entropy % 2**63) if a["seed"] is None else int(a["seed"])
         generator = make_generator(seed, a["rng"])
-        return _Job(request, run, n, seed, generator, latents, shape, a["output_type"], a["callback"], t_start)
+        job = _Job(request, run, n, seed, generator, latents, shape, a["output_type"], a["callback"], t_start)
+        job.adapters = adapters
+        return job
 
     def _execute(self, jobs: list[_Job]) -> list[GenerationResult | SdrtError]:
         """Run jobs whose loops line up: per-job prompts and starting latents, then one UNet call per step
         and one VAE decode for all. A job whose rows turn NaN fails alone, with its NumericalError."""
+        adapted, info = self.adapters.sessions(jobs[0].adapters)  # jobs of one group share their adapter set
+        sessions = {**self.sessions, **adapted}
+        if jobs[0].adapters.key != self._last_adapters:
+            self._last_adapters = jobs[0].adapters.key
+            self.adapter_switches += 1
+            info["switch"] = True
+        for job in jobs:
+            job.sessions = sessions
+            if job.adapters.items:
+                job.timings["lora"] = info["seconds"]  # merging and opening sessions, ~0 when the set is cached
+                job.timings["lora_cached"] = info["cached"]
+            if info.get("switch"):
+                job.timings["lora_switch"] = info["seconds"]
+                job.timings["lora_switch_first"] = job is jobs[0]  # where a service counts the switch once
         for job in jobs:
             try:
                 t0 = time.perf_counter()
-                job.cond = self.encode_prompt(job.request)
+                job.cond = self.encode_prompt(job.request, job.sessions)
                 job.timings["text_encoder"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 job.start = self.prepare_latents(job.request, job.run, job.generator, job.latents, job.shape)
@@ -423,7 +476,7 @@ class Pipeline:
             if len(jobs) > 1:
                 job.timings["batch_size"] = batch
             latent = job.out if job.output_type == "latent" else None
-            results.append(GenerationResult(job.images, job.seed, job.timings, latent))
+            results.append(GenerationResult(job.images, job.seed, job.timings, latent, job.adapters.describe()))
         return results
 
     # -- checking the request ----------------------------------------------------------------------
@@ -639,15 +692,17 @@ class Pipeline:
         return run, steps
 
     # -- stage 1: the prompt -----------------------------------------------------------------------
-    def encode_prompt(self, request: Request) -> Conditioning:
+    def encode_prompt(self, request: Request, sessions: Mapping[str, Session] | None = None) -> Conditioning:
         """Text conditioning in the UNet's batch layout: [unconditional rows, conditional rows] when guided,
-        each prompt's row repeated ``images_per_prompt`` times consecutively (as diffusers)."""
+        each prompt's row repeated ``images_per_prompt`` times consecutively (as diffusers). ``sessions``:
+        the call's (an adapter set's text encoders), else the base's."""
+        sessions = self.sessions if sessions is None else sessions
         roles, n = self.family.text_encoders, len(request.prompts)
         negatives = request.negatives if request.guided and request.negatives is not None else []
         texts = request.prompts + negatives
         hidden, pooled = [], None
         for role in roles:
-            out = self.sessions[role.component].run({"input_ids": self.tokenizers[role.tokenizer](texts)})
+            out = sessions[role.component].run({"input_ids": self.tokenizers[role.tokenizer](texts)})
             self._check_finite(role.component, out)
             hidden.append(out[role.hidden_output])
             if role.pooled_output:
@@ -775,7 +830,7 @@ class Pipeline:
         that job's, unchanged."""
         if not jobs:
             return
-        unet, times, active = self.sessions["unet"], StepTimes(), list(jobs)
+        unet, times, active = (jobs[0].sessions or self.sessions)["unet"], StepTimes(), list(jobs)
         steps = jobs[0].steps
         with ExitStack() as stack:
             for job in jobs:  # stochastic samplers' noise, drawn one step ahead from each job's generator

@@ -8,6 +8,7 @@ only NumPy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -89,9 +90,13 @@ class OrtSession:
         threads: int = 0,
         provider_options: dict[str, str] | None = None,
         use_engine: bool = False,
+        weights: Mapping[str, np.ndarray] | None = None,
     ):
         """``use_engine``: load this CPU's pre-optimized graph from ``engines/`` when one matches
-        (``sdrt.runtime.ort_cpu_engines``); otherwise the portable graph, optimized at load."""
+        (``sdrt.runtime.ort_cpu_engines``); otherwise the portable graph, optimized at load.
+        ``weights``: initializer name -> values used instead of the file's (LoRA-merged weights), by
+        onnxruntime's ``add_initializer``: the session is optimized with them as constants, so it runs
+        exactly as fast as the graph would with those weights written into it."""
         import onnxruntime as ort
 
         self.name = component.name
@@ -122,6 +127,11 @@ class OrtSession:
             else:  # already optimized for this CPU: optimizing again would only cost time
                 path, self.engine = engine, engine
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._weights = []  # onnxruntime keeps pointers into these buffers: they live as long as the session
+        for name, value in (weights or {}).items():
+            ortvalue = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            options.add_initializer(name, ortvalue)
+            self._weights.append(ortvalue)
         chosen: list = list(providers)
         if provider_options:  # options for the first provider (TensorRT's profiles and caches)
             chosen[0] = (providers[0], provider_options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,14 @@ def unavailable_reason() -> str | None:
 class TensorRTSession:
     """One engine: ``run(feed) -> outputs`` with the Session contract of the onnxruntime backend."""
 
-    def __init__(self, root: Path, component: Component, precision: str | None = None, use_cuda_graph: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        component: Component,
+        precision: str | None = None,
+        use_cuda_graph: bool = False,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ):
         tensorrt_module()  # a usable TensorRT, or a clear error
         import tensorrt as trt  # (imported by name, so the type checker sees TensorRT's signatures)
 
@@ -155,6 +163,8 @@ class TensorRTSession:
         self._engine = self._runtime.deserialize_cuda_engine((folder / record.file).read_bytes())
         if self._engine is None:
             raise BackendError(f"{folder / record.file}: TensorRT could not deserialize the engine (see its log)")
+        if weights:
+            self._refit(folder / record.file, weights)
         self._context = self._engine.create_execution_context()
         self._stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         if not self._context.set_optimization_profile_async(0, int(self._stream)):
@@ -175,6 +185,35 @@ class TensorRTSession:
         self._graph_exec = None
         # One context, stream and set of device buffers: concurrent calls take turns.
         self._lock = threading.Lock()
+
+    def _refit(self, path: Path, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace the engine's weights by ``weights`` (initializer name -> values; LoRA-merged), with
+        TensorRT's Refitter: this session's own deserialized copy of the engine, so other sessions of
+        the same engine keep theirs. Needs an engine built refittable (``sdrt engines --refittable``)."""
+        import tensorrt as trt
+
+        if not self._engine.refittable:
+            raise BackendError(
+                f"{path}: expected a refittable engine for LoRA adapters at run time, got one built without "
+                "refit; rebuild with `sdrt engines --refittable` (or fuse the adapters with `sdrt export --lora`)"
+            )
+        refitter = trt.Refitter(self._engine, self._logger)
+        refittable = set(refitter.get_all_weights())
+        self._refit_arrays = []  # TensorRT reads the host arrays during refit_cuda_engine
+        for name, value in weights.items():
+            if name not in refittable:
+                raise BackendError(
+                    f"{path}: expected weight {name!r} to be refittable in this engine, TensorRT folded it into "
+                    "another layer; fuse this adapter at export time instead (`sdrt export --lora`)"
+                )
+            array = np.ascontiguousarray(value)
+            self._refit_arrays.append(array)
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise BackendError(f"{path}: TensorRT refused new values for weight {name!r} (shape {array.shape})")
+        if not refitter.refit_cuda_engine():
+            missing = list(refitter.get_missing_weights())
+            raise BackendError(f"{path}: TensorRT refit failed (weights still missing: {missing[:5]})")
+        self._refit_arrays = []
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.name, self.inputs, feed)

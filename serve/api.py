@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -100,6 +101,27 @@ async def respond(result, call: schema.Call, queue_wait: float) -> Response:
         png = await asyncio.to_thread(schema.encode_png, result.images[0])
         return Response(png, media_type="image/png", headers=schema.png_headers(result, queue_wait))
     return JSONResponse(await asyncio.to_thread(schema.json_body, result, queue_wait))
+
+
+def register_loras(pipe, folder: Path | str | None) -> list[str]:
+    """Serve the adapters in ``folder``: each ``*.safetensors`` file registered under its stem (read and fitted
+    to the model now, so a bad file stops the start-up naming it). Requests name adapters only by these names:
+    the pipeline refuses paths from here on."""
+    pipe.lora_paths = False
+    if folder is None:
+        return []
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--lora-dir: expected a folder of .safetensors LoRA files, got {str(folder)!r}")
+    names = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors" and path.is_file():
+            pipe.register_lora(path.stem, path)
+            names.append(path.stem)
+        else:
+            log.warning("--lora-dir: skipping %s (not a .safetensors file)", path.name)
+    log.info("LoRA adapters served from %s: %s", folder, ", ".join(names) or "none")
+    return names
 
 
 class BodyLimit:

@@ -76,6 +76,19 @@ class Metrics:
             "sdrt_batch_images", "Images per run_batch call", buckets=BATCH_BUCKETS, registry=self.registry
         )
         self.max_batch = Gauge("sdrt_max_batch", "Largest batch in images (--max-batch)", registry=self.registry)
+        self.lora_switches = Counter(
+            "sdrt_lora_switches",
+            "Batches whose LoRA adapter set differed from the previous batch's, by whether its sessions were cached",
+            ["cached"],
+            registry=self.registry,
+        )
+        self.lora_switch_seconds = Histogram(
+            "sdrt_lora_switch_seconds",
+            "Seconds to switch adapter sets: merging weights and opening sessions, or a cache lookup",
+            ["cached"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
@@ -89,6 +102,10 @@ class Metrics:
         for stage in STAGES:
             if stage in result.timings:
                 self.stage_seconds.labels(stage).observe(result.timings[stage])
+        if result.timings.get("lora_switch_first"):  # one count per switch, not per request of its batch
+            cached = "true" if result.timings.get("lora_cached", True) else "false"
+            self.lora_switches.labels(cached).inc()
+            self.lora_switch_seconds.labels(cached).observe(result.timings["lora_switch"])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -63,6 +63,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         help="after SIGTERM, keep answering 503 (/readyz included) this long before closing the port, so a load "
         "balancer sees it (e.g. 10); requests in flight finish either way",
     )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="LoRA adapters to serve: every .safetensors file there, by its name without suffix; a request asks "
+        'for them as "loras": [{"name": NAME, "scale": 0.8}] (never by path)',
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -70,6 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from sdrt.serve.api import register_loras
         from sdrt.serve.app import DrainingServer, ServeConfig, create_app
     except ModuleNotFoundError as e:
         raise SdrtError(f"expected {e.name} to be installed, it is not (pip install 'sdrt[serve]')") from None
@@ -78,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.max_batch, args.batch_wait_ms, args.queue_size, args.timeout_s, args.max_body_mb)
     with Pipeline.load(args.artifacts, backend=args.backend, threads=args.threads) as pipe:
         log.info("loaded %s on %s in %.2f s", args.artifacts, args.backend, pipe.load_timings["total"])
+        register_loras(pipe, args.lora_dir)
         app = create_app(pipe, config)
         server = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
         DrainingServer(server, drain_s=args.drain_s).run()

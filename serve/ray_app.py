@@ -9,7 +9,7 @@ Arguments (``key=value``, see ``RayOptions``): ``artifacts`` (a path every node 
 ``num_replicas``, or ``min_replicas`` + ``max_replicas`` to autoscale on ``target_ongoing_requests``;
 ``num_cpus`` / ``num_gpus`` per replica (on a CPU, one replica per ``num_cpus`` cores; ``threads`` defaults to
 ``num_cpus``), ``max_batch`` (requests per batch), ``batch_wait_ms``, ``max_ongoing_requests`` (per replica),
-``queue_size`` (requests Ray holds for a deployment before answering 503).
+``queue_size`` (requests Ray holds for a deployment before answering 503), ``lora_dir`` (adapters by name).
 
 Differences from ``sdrt serve``: a batch counts requests rather than images (``@serve.batch``); queueing,
 timeouts (``request_timeout_s`` of Serve's HTTP options) and metrics are Ray Serve's own; the body limit is
@@ -42,8 +42,11 @@ http.add_middleware(api.BodyLimit, max_bytes=DEFAULT_MAX_BODY_MB * 2**20)
 @serve.deployment
 @serve.ingress(http)
 class Generator:
-    def __init__(self, artifacts: str, backend: str, threads: int, max_batch: int, batch_wait_s: float):
+    def __init__(
+        self, artifacts: str, backend: str, threads: int, max_batch: int, batch_wait_s: float, lora_dir: str | None
+    ):
         self.pipe = Pipeline.load(artifacts, backend=backend, threads=threads)
+        api.register_loras(self.pipe, lora_dir)  # names only, from here on
         self.generate.set_max_batch_size(max_batch)
         self.generate.set_batch_wait_timeout_s(batch_wait_s)
         (result,) = self.pipe.run_batch([WARM_UP])  # before the replica takes traffic
@@ -99,6 +102,7 @@ class RayOptions(BaseModel):
     batch_wait_ms: float = Field(20.0, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="per replica (default: 2 x max_batch)")
     queue_size: int = Field(32, ge=-1, description="requests waiting for a replica; more get 503 (-1: no limit)")
+    lora_dir: str | None = Field(None, description="LoRA adapters to serve by name (every node reads the folder)")
 
 
 def deployment_options(o: RayOptions) -> dict:
@@ -125,4 +129,4 @@ def app(args: dict) -> Application:
     o = args if isinstance(args, RayOptions) else RayOptions.model_validate(args)
     threads = o.threads if o.threads is not None else (max(1, int(o.num_cpus)) if o.num_gpus == 0 else 0)
     deployment = Generator.options(**deployment_options(o))
-    return deployment.bind(o.artifacts, o.backend, threads, o.max_batch, o.batch_wait_ms / 1000)
+    return deployment.bind(o.artifacts, o.backend, threads, o.max_batch, o.batch_wait_ms / 1000, o.lora_dir)

@@ -49,6 +49,11 @@ class GenerationBody(BaseModel):
     image: Any = Field(None, description="base64 PNG or JPEG to start from (image-to-image; inpainting with a mask)")
     mask_image: Any = Field(None, description="base64 PNG or JPEG inpainting mask: white is repainted")
     denoising_end: Any = Field(None, description="stop at this fraction of the schedule, (0, 1)")
+    loras: Any = Field(
+        None,
+        description="LoRA adapters registered at start-up (sdrt serve --lora-dir): "
+        '[{"name": "style", "scale": 0.8}, ...]; scale defaults to 1. Never a path',
+    )
     response_format: Any = Field("b64_json", description="'b64_json' (JSON, default) or 'png' (one image's bytes)")
 
 
@@ -78,6 +83,8 @@ def to_call(body: GenerationBody) -> Call:
         if "height" in given or "width" in given:
             raise SchemaError("size: expected size or height/width, got both (drop one)")
         given["width"], given["height"] = _size(given.pop("size"))
+    if given.get("loras") is not None:
+        given["loras"] = _loras(given["loras"])
     for name in ("image", "mask_image"):
         if given.get(name) is not None:
             given[name] = decode_image(name, given[name])
@@ -87,6 +94,28 @@ def to_call(body: GenerationBody) -> Call:
             f"response_format: 'png' returns one image, got a request for {images} (ask for b64_json, or one image)"
         )
     return Call(given, images, response_format)
+
+
+def _loras(value) -> list[dict]:
+    """The adapters as the runtime takes them; only names (the runtime refuses names not registered)."""
+    if not isinstance(value, list):
+        raise SchemaError(
+            f'loras: expected a list of {{"name": ..., "scale": ...}} objects, got {type(value).__name__}'
+        )
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or "name" not in entry or set(entry) - {"name", "scale"}:
+            raise SchemaError(
+                f'loras[{i}]: expected an object with "name" (a registered adapter) and optionally "scale", '
+                f"got {json_preview(entry)}"
+            )
+        if not isinstance(entry["name"], str):
+            raise SchemaError(f"loras[{i}].name: expected a string, got {json_preview(entry['name'])}")
+    return [{"name": e["name"], "scale": e.get("scale", 1.0)} for e in value]
+
+
+def json_preview(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _size(value) -> tuple[int, int]:

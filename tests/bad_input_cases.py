@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdrt.runtime.errors import ArtifactError, BackendError, InputError
+from sdrt.runtime.lora import LoraError
 from sdrt.runtime.validation import BudgetError
 
 NAN, INF = float("nan"), float("inf")
@@ -140,6 +141,30 @@ CALL_CASES = [
     CallCase("mask_image=1.5", dict(image=_image(), mask_image=1.5), InputError, "mask_image: expected"),
     CallCase("mask_image with NaN", dict(image=_image(), mask_image=_nan_image()[..., 1:2]), InputError,
              "mask_image: expected finite values"),
+    # -- LoRA adapters (files written by make_scratch) -------------------------------------------
+    CallCase("lora file missing", dict(loras=[("{tmp}/missing.safetensors", 1.0)]), LoraError,
+             "expected an existing .safetensors file, got no such file"),
+    CallCase("lora for another architecture (SDXL shapes)", dict(loras=[("{tmp}/sdxl-shaped.safetensors", 1.0)]),
+             LoraError, "has weight shape [64, 64] in these artifacts, the adapter's update is [640, 640]"),
+    CallCase("lora keys matching nothing", dict(loras=[("{tmp}/unknown-modules.safetensors", 1.0)]), LoraError,
+             "2 of its 3 unet modules match no layer of these artifacts, e.g. 'mid_block.attentions.7"),
+    CallCase("lora with NaN in a factor", dict(loras=[("{tmp}/nan.safetensors", 1.0)]), LoraError,
+             "expected finite values in the up factor, got 1 NaN"),
+    CallCase("lora scale=nan", dict(loras=[("{tmp}/ok.safetensors", NAN)]), LoraError,
+             "loras[0] scale: expected a finite number"),
+    CallCase("lora scale=inf", dict(loras=[("{tmp}/ok.safetensors", INF)]), LoraError,
+             "loras[0] scale: expected a finite number"),
+    CallCase("lora pickle (.ckpt)", dict(loras=[("{tmp}/style.ckpt", 1.0)]), LoraError,
+             "expected a .safetensors file, got a pickle"),
+    CallCase("lora pickle under a .safetensors name", dict(loras=[("{tmp}/pickled.safetensors", 1.0)]), LoraError,
+             "got a pickle"),
+    CallCase("9 loras (limit 8)", dict(loras=[("{tmp}/ok.safetensors", 1.0)] * 9), LoraError,
+             "loras: expected at most 8 adapters per call, got 9"),
+    CallCase("lora rank 2048 (limit 1024)", dict(loras=[("{tmp}/rank-2048.safetensors", 1.0)]), LoraError,
+             "expected rank at most 1024, got 2048"),
+    CallCase("loras='style' (not a list)", dict(loras="style"), LoraError, "loras: expected a list"),
+    CallCase("lora named twice", dict(loras=[("{tmp}/ok.safetensors", 1.0), ("{tmp}/ok.safetensors", 0.5)]),
+             LoraError, "is the same file as an adapter named before it"),
 ]
 # fmt: on
 
@@ -174,15 +199,46 @@ ARTIFACT_CASES = [
 def call_kwargs(case: CallCase, tmp) -> dict:
     kwargs = {"prompt": "a photo", "num_inference_steps": 2, "seed": 0}
     for key, value in case.kwargs.items():
+        if key == "loras" and isinstance(value, list):
+            value = [(path.replace("{tmp}", str(tmp)), scale) for path, scale in value]
         kwargs[key] = value.replace("{tmp}", str(tmp)) if isinstance(value, str) else value
     return kwargs
 
 
+# A self-attention projection and a 3x3 convolution of the tiny model's UNet, with their weight shapes.
+TINY_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # (64, 64)
+
+
+def _lora_file(path, modules: dict, rank: int = 2, poison: bool = False) -> None:
+    """A peft-format LoRA for ``modules`` (name -> (out, in)); ``poison``: one NaN in the first up factor."""
+    from safetensors.numpy import save_file
+
+    rng, tensors = np.random.default_rng(0), {}
+    for name, (out, inp) in modules.items():
+        tensors[f"unet.{name}.lora_A.weight"] = rng.normal(size=(rank, inp)).astype(np.float32)
+        tensors[f"unet.{name}.lora_B.weight"] = rng.normal(size=(out, rank)).astype(np.float32)
+    if poison:
+        tensors[f"unet.{next(iter(modules))}.lora_B.weight"][0, 0] = np.nan
+    save_file(tensors, str(path))
+
+
 def make_scratch(tmp) -> None:
+    import pickle
+
     from PIL import Image
 
     (tmp / "not-an-image.png").write_text("this is text, not a PNG")
     Image.new("RGB", (4, 4)).save(tmp / "tiny.png")
+    _lora_file(tmp / "ok.safetensors", {TINY_Q: (64, 64)})
+    _lora_file(tmp / "sdxl-shaped.safetensors", {TINY_Q: (640, 640)})  # SDXL's down_blocks.1 width
+    _lora_file(
+        tmp / "unknown-modules.safetensors",
+        {TINY_Q: (64, 64), "mid_block.attentions.7.proj_in": (64, 64), "up_blocks.9.attentions.0.proj_out": (64, 64)},
+    )
+    _lora_file(tmp / "nan.safetensors", {TINY_Q: (64, 64)}, poison=True)
+    _lora_file(tmp / "rank-2048.safetensors", {TINY_Q: (64, 64)}, rank=2048)
+    (tmp / "style.ckpt").write_bytes(pickle.dumps({"a": 1}))
+    (tmp / "pickled.safetensors").write_bytes(pickle.dumps({"a": 1}))
 
 
 if __name__ == "__main__":  # writes the table: python tests/bad_input_cases.py docs/bad-inputs.md

@@ -1,0 +1,115 @@
+"""LoRA at export time: the map from a module's name to its weight in the exported graph, and fusing.
+
+The exporter renames and transposes weights (``to_q.weight`` becomes a ``val_340`` holding its
+transpose), so the map is found by content: each Linear and Conv2d weight of the PyTorch module is
+looked up, as itself and as its transpose, in the graph's own dtype, among the graph's initializers.
+A weight found exactly once becomes a target; one found nowhere, or whose bytes several initializers
+or modules share (a tied or deduplicated weight, which one module's LoRA must not change for
+another), is left out and counted, and a LoRA naming it is refused at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from sdrt.runtime import lora as rt_lora
+from sdrt.runtime.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+# The components a LoRA adapts: the UNet and the text encoders (never the VAE).
+ADAPTABLE = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _digest(array: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+
+
+def adaptable_modules(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+    for name, child in module.named_modules():
+        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) and name:
+            yield name, child
+
+
+def lora_targets(module: torch.nn.Module, graph_path: Path) -> tuple[dict[str, dict], dict]:
+    """(targets, summary): module -> {"initializer", "shape", "layout"} for the graph at ``graph_path``."""
+    model = onnx.load(str(graph_path), load_external_data=True)
+    by_digest: dict[bytes, list[str]] = {}
+    dtypes = set()
+    for init in model.graph.initializer:
+        if len(init.dims) < 2 or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        array = numpy_helper.to_array(init)
+        dtypes.add(array.dtype)
+        by_digest.setdefault(_digest(array), []).append(init.name)
+    del model
+    found: dict[str, dict] = {}
+    claimed: dict[str, list[str]] = {}
+    missing, shared = [], []
+    for name, child in adaptable_modules(module):
+        weight = child.weight.detach().float().numpy()
+        candidates = [(weight, "same")] + ([(weight.T, "transposed")] if weight.ndim == 2 else [])
+        hits = []
+        for value, layout in candidates:
+            for dtype in dtypes:
+                for init in by_digest.get(_digest(value.astype(dtype)), []):
+                    hits.append((init, layout))
+        hits = list(dict.fromkeys(hits))
+        if len(hits) != 1:
+            (missing if not hits else shared).append(name)
+            continue
+        init, layout = hits[0]
+        claimed.setdefault(init, []).append(name)
+        found[name] = {"initializer": init, "shape": list(weight.shape), "layout": layout}
+    for names in claimed.values():
+        if len(names) > 1:  # one initializer for several modules (equal weights): adapting one would change all
+            shared += names
+            for n in names:
+                found.pop(n, None)
+    summary = {"modules": len(found) + len(missing) + len(shared), "mapped": len(found)}
+    if missing:
+        summary["not_found"] = len(missing)
+        summary["not_found_examples"] = missing[:3]
+    if shared:
+        summary["shared"] = len(shared)
+        summary["shared_examples"] = shared[:3]
+    return found, summary
+
+
+def fuse(parts: dict[str, torch.nn.Module], loras: list[tuple[Path, float]]) -> list[dict]:
+    """Add each adapter's update, times its scale, to the PyTorch weights (before the export); return
+    what the manifest records. The files are read and fitted by the runtime's own reader."""
+    records = []
+    for path, scale in loras:
+        lora = rt_lora.load_file(path)
+        targets = {
+            name: {
+                m: rt_lora.Target("", tuple(child.weight.shape), "same") for m, child in adaptable_modules(parts[name])
+            }
+            for name in ADAPTABLE
+            if name in parts
+        }
+        resolved = rt_lora.resolve(lora, targets)
+        modules = 0
+        for component, layers in resolved.items():
+            named = dict(adaptable_modules(parts[component]))
+            for module, layer in layers.items():
+                weight = named[module].weight
+                delta = torch.from_numpy(layer.delta().reshape(tuple(weight.shape)))
+                with torch.no_grad():
+                    weight.add_(delta.to(weight.dtype), alpha=float(scale))
+                modules += 1
+        if not modules:
+            raise ExportError(f"lora {str(path)!r}: adapts no module of this model")
+        log.info("fused LoRA %s (scale %g): %d modules", path, scale, modules)
+        records.append({"path": str(path), "sha256": lora.sha256, "scale": float(scale), "format": lora.format,
+                        "modules": modules})  # fmt: skip
+    return records
