@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -196,6 +196,8 @@ class Worker:
             r["unet_calls"],
             r["step_walls"],
             r.get("scheduler_steps", []),
+            r.get("lora_s"),
+            r.get("lora_cached"),
         )
 
     def memory(self) -> dict:
@@ -231,10 +233,14 @@ class Variant:
     backend: str
     precision: str  # compute precision
     tag: str = ""  # the artifact directory's name, when several are measured
+    # LoRA adapter sets used in turn, one per call (sets of (path, scale)): none for the base model.
+    lora_sets: tuple[tuple[tuple[str, float], ...], ...] = ()
+    lora_mode: str = ""  # "base", "one" or "switching" when the bench measures adapters
 
     @property
     def name(self) -> str:
-        return " ".join(filter(None, ("sdrt", self.backend, self.precision, self.tag)))
+        lora = f"lora:{self.lora_mode}" if self.lora_mode else ""
+        return " ".join(filter(None, ("sdrt", self.backend, self.precision, self.tag, lora)))
 
     def start(self, threads: int, scheduler: str | None) -> Worker:
         spec = {
@@ -244,8 +250,30 @@ class Variant:
             "precision": self.precision,
             "threads": threads,
             "scheduler": scheduler,
+            "lora_sets": [list(map(list, one)) for one in self.lora_sets],
         }
         return Worker(self.name, _worker_command(spec))
+
+
+# What each LoRA row runs: the base model, one adapter set on every call, or a change of set on every call.
+LORA_MODES = ("base", "one", "switching")
+
+
+def lora_variants(
+    variant: Variant, loras: tuple[tuple[str, float], ...], modes: tuple[str, ...] = LORA_MODES
+) -> list[Variant]:
+    """``variant`` once per mode over ``loras`` (files with scales): the base model; the first file on every
+    call ("one"); and, on every call, the other set than the call before ("switching": the first file,
+    then the second, in turn; with a single file, that file and the base model in turn)."""
+    if not loras:
+        return [variant]
+    unknown = [m for m in modes if m not in LORA_MODES]
+    if unknown or not modes:
+        raise InputError(f"--lora-modes: expected some of {', '.join(LORA_MODES)}, got {', '.join(modes) or 'none'}")
+    first = (tuple(loras[0]),)
+    second = (tuple(loras[1]),) if len(loras) > 1 else ()
+    sets = {"base": (), "one": (first,), "switching": (first, second)}
+    return [replace(variant, lora_sets=sets[mode], lora_mode=mode) for mode in LORA_MODES if mode in modes]
 
 
 def start_diffusers(
@@ -305,6 +333,9 @@ def metrics(runs: list[RunTimes], batch: int) -> dict:
         "overhead_fraction": stats([o / w for o, w in zip(overhead, walls) if w > 0]),
         "vae_decode_ms": stats([1e3 * r.vae_decoder for r in runs]),
     }
+    lora = [r.lora_s for r in runs if r.lora_s is not None]
+    if lora:  # getting each call's adapter sessions (the switch, when the set changed): cached after first use
+        out["lora_ms"] = stats([1e3 * x for x in lora])
     schedule = [s for r in runs for s in r.scheduler_steps]
     if schedule:
         out["scheduler_step_ms"] = stats([1e3 * s for s in schedule])
@@ -343,6 +374,10 @@ class BenchConfig:
     baseline_dtype: str = "fp32"  # its torch dtype: fp32, or fp16 on a GPU
     optimum_folder: Path | None = None  # an optimum export of the same model: optimum's pipeline as a baseline
     optimum_python: Path = Path(".venv-optimum/bin/python")
+    # LoRA files (path, scale): each sdrt variant is measured as the base model, with the first file, and
+    # switching sets on every call (LORA_MODES).
+    loras: tuple[tuple[str, float], ...] = ()
+    lora_modes: tuple[str, ...] = LORA_MODES  # e.g. ("base", "switching"): fewer processes, less memory at once
     prompt: str = "a photograph of an astronaut riding a horse"
     results_dir: Path = RESULTS_DIR
     matmul_size: int = matmul.SIZE  # the square MatMul that measures the machine's achievable rate
@@ -376,7 +411,7 @@ def plan(config: BenchConfig) -> tuple[list[Variant], list[tuple[Variant, str]]]
         except BackendError as e:
             unsupported.append((variant, str(e)))
         else:
-            runnable.append(variant)
+            runnable.extend(lora_variants(variant, config.loras, config.lora_modes))
     return runnable, unsupported
 
 
@@ -505,6 +540,10 @@ def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker],
         row = _row(ctx, common, w, warm[w.name], runs[w.name], case) | _sdrt_fields(ctx, variant, w)
         if baselines:
             row["ratio_to"] = {b.name: ratios(runs[w.name], runs[b.name]) for b in baselines}
+        if variant.lora_mode not in ("", "base"):  # against the same variant without adapters, round by round
+            base = ours.get(replace(variant, lora_sets=(), lora_mode="base"))
+            if base is not None:
+                row.setdefault("ratio_to", {})["sdrt without LoRA"] = ratios(runs[w.name], runs[base.name])
         rows.append(row)
     for b in baselines:
         backend = "pytorch" if b.name == "diffusers" else "onnxruntime"
@@ -579,7 +618,23 @@ def _sdrt_fields(ctx: Context, variant: Variant, worker: Worker) -> dict:
     }
     if fields["device"]["kind"] == "gpu":
         fields["device_memory_used_bytes"] = worker.last_reply.get("device_memory_used_bytes")
+    if variant.lora_mode:
+        fields["lora"] = {
+            "mode": variant.lora_mode,
+            "sets": [[_describe_lora(path, scale) for path, scale in one] for one in variant.lora_sets],
+            "first_use_s": worker.last_reply.get("lora_first_use_s"),
+            "cache": worker.last_reply.get("lora_stats"),
+        }
     return fields
+
+
+def _describe_lora(path: str, scale: float) -> dict:
+    from sdrt.runtime.lora import load_file
+
+    f = load_file(path)
+    ranks = sorted({layer.rank for layers in f.layers.values() for layer in layers.values()})
+    return {"name": f.name, "sha256": f.sha256, "scale": scale, "format": f.format, "modules": f.modules,
+            "ranks": ranks, "bytes": f.bytes}  # fmt: skip
 
 
 def precision_label(graph: str, compute: str) -> str:

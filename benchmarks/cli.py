@@ -80,6 +80,40 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         help="run: the Python of optimum's environment",
     )
     p.add_argument(
+        "--loras",
+        nargs="+",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="run: LoRA files; every sdrt variant is then measured three ways in the same rounds: without "
+        "adapters, with the first file on every call, and switching on every call between the first file and "
+        "the second (with one file: that file and no adapters)",
+    )
+    p.add_argument(
+        "--random-loras",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run: write N LoRA files with random factors for the artifacts (diffusers format, no download) into "
+        "--lora-dir and measure them as with --loras",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="run: rank of the --random-loras files")
+    p.add_argument(
+        "--lora-modes",
+        nargs="+",
+        default=["base", "one", "switching"],
+        choices=("base", "one", "switching"),
+        help="run: which of the three ways to measure with --loras/--random-loras (one process each: on a full-size "
+        "model each cached adapter set holds its own copy of the adapted graphs, so fewer at once use less memory)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        default="linear",
+        choices=("linear", "all"),
+        help="run: what the --random-loras files adapt: every Linear layer of the UNet and text encoders, or "
+        "the convolutions too (LoCon)",
+    )
+    p.add_argument("--lora-dir", type=Path, default=Path("loras"), help="run: where --random-loras writes its files")
+    p.add_argument(
         "--peak-tflops", type=float, default=None, help="run: the device's peak TFLOP/s, for the fraction achieved"
     )
     p.add_argument(
@@ -146,7 +180,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.random_weights:
         artifacts = tuple(args.artifacts or [Path("artifacts/sd15-random")])
         _ensure_random_sd15(artifacts[0])
+    loras = _bench_loras(args, artifacts[0])
     config = BenchConfig(
+        loras=loras,
+        lora_modes=tuple(args.lora_modes),
         artifacts=artifacts,
         backends=tuple(args.backends or available_backends()),
         precisions=tuple(args.precisions) if args.precisions else None,
@@ -168,6 +205,26 @@ def _bench(args: argparse.Namespace) -> int:
     rows = run_benchmark(config)
     print(summary_table(rows))
     return 0
+
+
+def _bench_loras(args: argparse.Namespace, artifacts: Path) -> tuple[tuple[str, float], ...]:
+    """--loras as (path, scale) pairs, after the --random-loras files written for ``artifacts``."""
+    from sdrt.runtime.lora import load_file, parse_cli_arg
+
+    loras = [parse_cli_arg(item) for item in args.loras]
+    if args.random_loras < 0:
+        raise InputError(f"--random-loras: expected a count of 0 or more, got {args.random_loras}")
+    if args.random_loras:
+        from sdrt.benchmarks.random_lora import write_random_lora
+
+        for i in range(args.random_loras):
+            out = args.lora_dir / f"random-{artifacts.name}-{args.lora_modules}-r{args.lora_rank}-{i}.safetensors"
+            write_random_lora(artifacts, out, rank=args.lora_rank, seed=i, modules=args.lora_modules)
+            print(f"wrote {out} (random factors, rank {args.lora_rank}, {args.lora_modules} layers)")
+            loras.append((str(out), 1.0))
+    for path, _ in loras:
+        load_file(path)  # a file that cannot be read stops the bench before any worker starts
+    return tuple(loras)
 
 
 def _ensure_random_sd15(artifacts: Path) -> None:

@@ -70,7 +70,15 @@ def label(row: dict) -> str:
     d = row["device"]
     isa = f"{d['isa']}, " if d.get("isa") else ""  # "AMD EPYC" names Zen 3 and Zen 4 alike; the ISA does not
     where = f"{d['name']} ({isa}{d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
-    return f"{where} · {_implementation(row)} · {row.get('precision', MISSING)}{_vae(row)}"
+    return f"{where} · {_implementation(row)} · {row.get('precision', MISSING)}{_vae(row)}{_lora(row)}"
+
+
+LORA_MODES = {"base": "no LoRA", "one": "one LoRA", "switching": "LoRA set switched every call"}
+
+
+def _lora(row: dict) -> str:
+    mode = (row.get("lora") or {}).get("mode")
+    return f" · {LORA_MODES.get(mode, mode)}" if mode else ""
 
 
 def _implementation(row: dict) -> str:
@@ -129,11 +137,74 @@ def _ratio_cell(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The measured rows as a table, then the combinations not measured and why, then the load rows."""
+    """The measured rows as a table, then the combinations not measured and why, then the LoRA rows, then
+    the load rows."""
     loads = [r for r in rows if _is_load(r)]
     if loads and len(loads) == len(rows):
         return load_table(loads)
-    return _latency_table(rows) + (f"\n\n{load_table(loads)}" if loads else "")
+    loras = [r for r in measured(rows) if r.get("lora")]
+    return (
+        _latency_table(rows)
+        + (f"\n\n{lora_table(loras)}" if loras else "")
+        + (f"\n\n{load_table(loads)}" if loads else "")
+    )
+
+
+def lora_table(rows: list[dict]) -> str:
+    """LoRA rows (sdrt bench --loras): per case and variant, the base model, one adapter set and a set switched
+    on every call side by side: UNet step, end to end, getting the call's adapter sessions (a dictionary
+    lookup once the set is cached), each set's first use (merging and opening its sessions), peak memory, and
+    the ratios to the same variant without adapters, round by round."""
+    head = [
+        "case",
+        "device · implementation · precision · LoRA",
+        "adapters (rank, modules)",
+        "UNet step ms",
+        "end to end s",
+        "adapter sessions per call ms",
+        "first use of a set s",
+        "UNet step vs no LoRA",
+        "end to end vs no LoRA",
+        "peak RSS MiB",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {mode: i for i, mode in enumerate(LORA_MODES)}
+
+    def key(r: dict) -> tuple:  # per case and variant: no LoRA, one, switching; each in the order measured
+        return (case(r), label(r).removesuffix(_lora(r)), order.get(r["lora"].get("mode"), 9), r.get("timestamp", ""))
+
+    for row in sorted(rows, key=key):
+        m, lora = row["metrics"], row["lora"]
+        sets = [" + ".join(f"{f['name']} r{'/'.join(map(str, f['ranks']))} x{f['modules']}" for f in one) or "base"
+                for one in lora.get("sets") or []]  # fmt: skip
+        first = [x for x in lora.get("first_use_s") or [] if x is not None]
+        ratio = (row.get("ratio_to") or {}).get("sdrt without LoRA")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    case(row),
+                    label(row),
+                    "; then ".join(sets) if sets else MISSING,
+                    _cell(m.get("unet_step_ms")),
+                    _cell(m.get("end_to_end_s")),
+                    _cell(m.get("lora_ms")),
+                    ", ".join(_num(x) for x in first) or MISSING,
+                    _ratio(ratio, "unet_step"),
+                    _ratio(ratio, "end_to_end"),
+                    _opt(row.get("peak_rss_bytes"), lambda b: f"{b / 2**20:,.0f}"),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(ratio: dict | None, key: str) -> str:
+    r = (ratio or {}).get(key)
+    if not r or not r.get("n"):
+        return MISSING
+    return f"{r['median']:.3f}x (p10 {r['p10']:.3f}, p90 {r['p90']:.3f})"
 
 
 def _latency_table(rows: list[dict]) -> str:

@@ -38,6 +38,8 @@ class RunTimes:
     unet_calls: list[float]
     step_walls: list[float]
     scheduler_steps: list[float] = field(default_factory=list)
+    lora_s: float | None = None  # getting the call's adapter sessions: merge and open, ~0 from the cache
+    lora_cached: bool | None = None
 
     @property
     def overhead(self) -> list[float]:  # wall time of each step outside its UNet call
@@ -68,25 +70,63 @@ def peak_rss() -> int:
 class SdrtRunner:
     name = "sdrt"
 
-    def __init__(self, artifacts: Path, backend: str, precision: str, threads: int, scheduler: str | None):
+    def __init__(
+        self,
+        artifacts: Path,
+        backend: str,
+        precision: str,
+        threads: int,
+        scheduler: str | None,
+        lora_sets: list | None = None,
+    ):
+        """``lora_sets``: adapter sets (lists of [path, scale]) used in turn, one per call: none is the base
+        model, one set is "one LoRA", two or more switch sets on every call."""
         from sdrt.runtime import Pipeline
 
         self.backend = backend
         self.pipe = Pipeline.load(artifacts, backend=backend, precision=precision, threads=threads, scheduler=scheduler)
+        self.lora_sets = [[(str(p), float(s)) for p, s in one] for one in (lora_sets or [])]
+        self.calls = 0
+        self.first_use: dict[int, float] = {}  # set index -> seconds its first call took to merge and open
 
     def hello(self) -> dict:
         return {"load_timings": self.pipe.load_timings, "graph_precisions": self.pipe.graph_precisions()}
 
     def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+        index = self.calls % len(self.lora_sets) if self.lora_sets else None
+        self.calls += 1
+        loras = self.lora_sets[index] if index is not None else None
         t0 = time.perf_counter()
         r = self.pipe(
-            prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, latents=latents
+            prompts,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents,
+            loras=loras,
         )
         total = time.perf_counter() - t0
         t = r.timings
+        if index is not None and t.get("lora_cached") is False:
+            self.first_use.setdefault(index, t["lora"])
         return RunTimes(
-            total, t["text_encoder"], t["vae_decoder"], t["unet_calls"], t["unet_steps"], t["scheduler_steps"]
+            total,
+            t["text_encoder"],
+            t["vae_decoder"],
+            t["unet_calls"],
+            t["unet_steps"],
+            t["scheduler_steps"],
+            t.get("lora"),
+            t.get("lora_cached"),
         )
+
+    def extra(self) -> dict:
+        """What a reply adds: the adapter sets' first-use seconds and the adapter cache's counts."""
+        if not self.lora_sets:
+            return {}
+        stats = self.pipe.adapters.stats
+        return {"lora_first_use_s": [self.first_use.get(i) for i in range(len(self.lora_sets))], "lora_stats": stats}
 
     def close(self) -> None:
         self.pipe.close()
@@ -211,7 +251,12 @@ def make_runner(spec: dict):
     kind = spec.get("implementation")
     if kind == "sdrt":
         return SdrtRunner(
-            Path(spec["artifacts"]), spec["backend"], spec.get("precision", "fp32"), spec["threads"], spec["scheduler"]
+            Path(spec["artifacts"]),
+            spec["backend"],
+            spec.get("precision", "fp32"),
+            spec["threads"],
+            spec["scheduler"],
+            spec.get("lora_sets"),
         )
     if kind == "diffusers":
         return DiffusersRunner(
@@ -271,6 +316,7 @@ def serve(spec: dict, requests: Iterable[str], out: TextIO, on_gpu: bool = False
                 r = json.loads(line)
                 times = runner(r["prompts"], r["height"], r["width"], r["steps"], r["guidance"], np.load(r["latents"]))
                 reply = {**asdict(times), "peak_rss_bytes": peak_rss()}
+                reply |= runner.extra() if hasattr(runner, "extra") else {}
                 if on_gpu:
                     reply["device_memory_used_bytes"] = _gpu_memory_used()
             except Exception as e:  # noqa: BLE001 - as above; the worker stays up for the parent to close
