@@ -203,6 +203,12 @@ def register_engines(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="CPU engines without onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNorm, GELU)",
     )
+    p.add_argument(
+        "--no-lora-graphs",
+        action="store_true",
+        help="do not keep the fused graphs of the UNet and text encoders beside their CPU engines (saves their size "
+        "on disk; LoRA adapter sessions then start from the portable graph, without the engine's fusions)",
+    )
     p.set_defaults(func=_engines)
 
 
@@ -228,7 +234,7 @@ def _engines(args: argparse.Namespace) -> int:
     )
     manifest = Manifest.load(args.artifacts)
     if not args.no_cpu:
-        _cpu_engines(args.artifacts, components, args.force, not args.no_fusions)
+        _cpu_engines(args.artifacts, components, args.force, not args.no_fusions, not args.no_lora_graphs)
     print(
         f"shape profiles ({'static' if ranges.is_static else 'dynamic'}: batch {ranges.batch}, "
         f"height {ranges.height}, width {ranges.width}):"
@@ -252,10 +258,10 @@ def _engines(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_engines(artifacts: Path, components: tuple[str, ...], force: bool, fuse: bool) -> None:
+def _cpu_engines(artifacts: Path, components: tuple[str, ...], force: bool, fuse: bool, lora_sources: bool) -> None:
     from sdrt.export.cpu_engines import build_cpu_engines
 
-    report = build_cpu_engines(artifacts, components, force=force, fuse=fuse)
+    report = build_cpu_engines(artifacts, components, force=force, fuse=fuse, lora_sources=lora_sources)
     built = ", ".join(f"{name} ({report.reasons[name]})" for name in report.built) or "none"
     print(f"onnxruntime CPU engines in {report.folder}: built {built}, up to date {', '.join(report.kept) or 'none'}")
 

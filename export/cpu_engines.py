@@ -53,10 +53,16 @@ class CpuEngineReport:
 
 
 def build_cpu_engines(
-    root: Path, components: tuple[str, ...] | None = None, force: bool = False, threads: int = 0, fuse: bool = True
+    root: Path,
+    components: tuple[str, ...] | None = None,
+    force: bool = False,
+    threads: int = 0,
+    fuse: bool = True,
+    lora_sources: bool = True,
 ) -> CpuEngineReport:
     """Build the missing or stale engines of ``root`` for this CPU; ``fuse=False`` skips onnxscript's
-    fusions (onnxruntime's own optimizations still run)."""
+    fusions (onnxruntime's own optimizations still run). ``lora_sources``: keep the fused graph of every
+    component a LoRA adapts, for adapter sessions as fast as the engine (CpuEngineRecord.lora_source)."""
     root = Path(root)
     manifest = Manifest.load(root)
     folder = engine_folder(root)
@@ -71,11 +77,14 @@ def build_cpu_engines(
         reason = "--force" if force else stale_reason(record, folder, fingerprint)
         if reason is None and record is not None and record.fused != fuse:
             reason = "fusions " + ("asked for" if fuse else "turned off")
+        wants_source = lora_sources and fuse and bool(component.lora_targets)
+        if reason is None and record is not None and bool(record.lora_source) != wants_source:
+            reason = "a graph for LoRA adapters " + ("asked for" if wants_source else "no longer asked for")
         if reason is None:
             report.kept.append(name)
             continue
         log.info("[%d/%d] %s: building the onnxruntime CPU engine (%s)", i, len(wanted), name, reason)
-        records[name] = build_one(root, manifest, component, folder, fingerprint, threads, fuse)
+        records[name] = build_one(root, manifest, component, folder, fingerprint, threads, fuse, wants_source)
         write_records(folder, records)  # after each engine: an interrupted build keeps the finished ones
         report.built.append(name)
         report.reasons[name] = reason
@@ -90,23 +99,37 @@ def build_one(
     fingerprint: str,
     threads: int = 0,
     fuse: bool = True,
+    lora_source: bool = False,
 ) -> CpuEngineRecord:
     started = time.perf_counter()
     work = folder / f".building-{component.name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
+    source_name, source_bytes = "", 0
     try:
         t0 = time.perf_counter()
         fused, fusions = root / component.path, {}
         if fuse:
-            fused, fusions = fuse_for_onnxruntime(fused, work / "fused.onnx")
+            fused, fusions = fuse_for_onnxruntime(fused, work / f"{component.name}.lora.onnx")
             log.info("    fusions: %s in %.1f s", fusions or "none", time.perf_counter() - t0)
         t0 = time.perf_counter()
         name = f"{component.name}.onnx"
         optimize_and_save(fused, work / name, threads)
-        for f in work.glob("fused.onnx*"):
-            f.unlink()
         log.info("    onnxruntime optimization saved in %.1f s", time.perf_counter() - t0)
+        if lora_source:
+            why_not = lora_source_problem(fused, component)
+            if why_not:
+                log.warning(
+                    "    no graph for LoRA adapters: %s (adapter sessions start from the portable graph)", why_not
+                )
+            else:
+                source_name = fused.name
+                for f in (source_name, source_name + ".data"):
+                    (work / f).replace(folder / f)
+                source_bytes = engine_bytes(folder / source_name)
+                log.info("    kept the fused graph for LoRA adapters (%.0f MB)", source_bytes / 1e6)
+        for f in work.glob("*.lora.onnx*"):
+            f.unlink()
         t0 = time.perf_counter()
         verification = verify_engine(root, manifest, component, work / name, threads)
         log.info(
@@ -132,7 +155,26 @@ def build_one(
         verification=verification,
         bytes=engine_bytes(path),
         seconds=round(time.perf_counter() - started, 2),
+        lora_source=source_name,
+        lora_source_bytes=source_bytes,
     )
+
+
+def lora_source_problem(graph: Path, component: Component) -> str | None:
+    """Why the fused ``graph`` cannot take adapter weights (None: it can): every weight the LoRA map names must
+    still be there, under its name and shape, in external data (what add_external_initializers replaces)."""
+    from sdrt.runtime.onnx_proto import read_initializers
+
+    wanted = {t["initializer"]: t for t in component.lora_targets.values() if t["layout"] != "unused"}
+    found = read_initializers(graph, wanted)
+    for name, target in wanted.items():
+        shape = tuple(target["shape"]) if target["layout"] == "same" else tuple(reversed(target["shape"]))
+        init = found.get(name)
+        if init is None:
+            return f"the fusions replaced weight {name!r}"
+        if tuple(init.dims) != shape or not init.location:
+            return f"weight {name!r} is {list(init.dims)} {'external' if init.location else 'inline'}, expected {list(shape)} external"
+    return None
 
 
 def fuse_for_onnxruntime(source: Path, out: Path) -> tuple[Path, dict[str, int]]:

@@ -143,8 +143,8 @@ def _ort_open(providers: tuple[str, ...]) -> Callable[[Path, Manifest, Component
             from sdrt.runtime.ort_tensorrt import provider_options as trt_options
 
             provider_options = trt_options(root, component, manifest, options.trt_ranges or ShapeRanges())
-        # Engines are made for the CPU provider, and hold the file's weights (under other names).
-        use_engine = options.cache and providers == (CPU,) and not options.weights
+        # Engines are made for the CPU provider; with adapter weights, their fused graph is the starting point.
+        use_engine = options.cache and providers == (CPU,)
         return OrtSession(root, component, providers, options.threads, provider_options, use_engine, options.weights)
 
     return open_ort

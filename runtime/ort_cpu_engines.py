@@ -77,6 +77,11 @@ class CpuEngineRecord:
     verification: dict = field(default_factory=dict)  # against the portable graph
     bytes: int = 0
     seconds: float = 0.0
+    # LoRA: the fused graph before onnxruntime's optimizations, every weight in external data ("" when not kept).
+    # Sessions with adapter-merged weights start from it (onnxruntime's add_external_initializers replaces
+    # weights before it optimizes), so they run the engine's fusions, layouts and pre-packing: as fast as it.
+    lora_source: str = ""
+    lora_source_bytes: int = 0
 
 
 def read_records(folder: Path) -> dict[str, CpuEngineRecord]:
@@ -141,4 +146,22 @@ def find_engine(root: Path, component: Component) -> tuple[Path | None, str]:
     # stay inside it, as the manifest's graphs must stay inside the artifact directory.
     path = check_inside(folder, record.file, f"{folder.name}/engines.json {component.name}")
     check_external_data(path, folder, listed={record.file, record.file + ".data"})
+    return path, ""
+
+
+def find_lora_source(root: Path, component: Component) -> tuple[Path | None, str]:
+    """The fused graph adapter sessions start from (see ``CpuEngineRecord.lora_source``), or None and why not."""
+    engine, why_not = find_engine(root, component)
+    if engine is None:
+        return None, why_not
+    folder = engine_folder(root)
+    record = read_records(folder)[component.name]
+    if not record.lora_source:
+        return None, f"{folder.name}/{component.name}: built without a graph for adapters (`sdrt engines --force`)"
+    path = check_inside(folder, record.lora_source, f"{folder.name}/engines.json {component.name}")
+    if not path.is_file() or not path.with_name(path.name + ".data").is_file():
+        return None, f"{path} or its data file is missing (`sdrt engines --force` rebuilds it)"
+    if engine_bytes(path) != record.lora_source_bytes:
+        return None, f"{path} changed since it was built (`sdrt engines --force` rebuilds it)"
+    check_external_data(path, folder, listed={record.lora_source, record.lora_source + ".data"})
     return path, ""

@@ -94,9 +94,9 @@ class OrtSession:
     ):
         """``use_engine``: load this CPU's pre-optimized graph from ``engines/`` when one matches
         (``sdrt.runtime.ort_cpu_engines``); otherwise the portable graph, optimized at load.
-        ``weights``: initializer name -> values used instead of the file's (LoRA-merged weights), by
-        onnxruntime's ``add_initializer``: the session is optimized with them as constants, so it runs
-        exactly as fast as the graph would with those weights written into it."""
+        ``weights``: initializer name -> values used instead of the file's (LoRA-merged weights). The session
+        then starts from the engine's fused graph (``find_lora_source``; else the portable graph) and is
+        optimized with those weights in place, so it runs as fast as the engine would with them built in."""
         import onnxruntime as ort
 
         self.name = component.name
@@ -118,7 +118,15 @@ class OrtSession:
             # after each call: SD 1.5-shaped 512x512 generation peaked at 5.11 GiB instead of 5.86.
             options.enable_cpu_mem_arena = False
         path, self.engine = Path(root) / component.path, None
-        if use_engine:
+        if use_engine and weights:
+            from sdrt.runtime.ort_cpu_engines import find_lora_source
+
+            source, why_not = find_lora_source(root, component)
+            if source is None:
+                log.info("%s: adapter weights on the portable graph: %s", component.name, why_not)
+            else:
+                path, self.engine = source, source
+        elif use_engine:
             from sdrt.runtime.ort_cpu_engines import find_engine
 
             engine, why_not = find_engine(root, component)
@@ -127,16 +135,15 @@ class OrtSession:
             else:  # already optimized for this CPU: optimizing again would only cost time
                 path, self.engine = engine, engine
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self._weights = []  # onnxruntime keeps pointers into these buffers: they live as long as the session
-        for name, value in (weights or {}).items():
-            ortvalue = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-            options.add_initializer(name, ortvalue)
-            self._weights.append(ortvalue)
+        self._weights: list = []
+        self.disabled_optimizers = self._replace_weights(ort, options, path, weights or {})
         chosen: list = list(providers)
         if provider_options:  # options for the first provider (TensorRT's profiles and caches)
             chosen[0] = (providers[0], provider_options)
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=chosen, disabled_optimizers=self.disabled_optimizers or None
+            )
         except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
             raise ArtifactError(
                 f"{path}: expected an ONNX graph onnxruntime {ort.__version__} can load, got: {e} "
@@ -148,6 +155,32 @@ class OrtSession:
             path, [self._names[s.name] for s in self.inputs], [i.name for i in self._session.get_inputs()]
         )
         self._output_names = [self._names[o.name] for o in self.outputs]
+
+    def _replace_weights(self, ort, options, path: Path, weights: Mapping[str, np.ndarray]) -> list[str]:
+        """Hand ``weights`` to onnxruntime in place of the graph's; return the optimizers to turn off.
+
+        Weights the graph keeps in external data go through ``add_external_initializers``: they replace the
+        graph's before any optimization, so constant folding, the NCHWc layout and weight pre-packing all see
+        them. Inline ones can only go through ``add_initializer``, which replaces them after the optimizations:
+        onnxruntime then neither pre-packs them nor reorders them, and its NCHWc transformer would reorder a
+        convolution's weight from the graph's own values, silently ignoring the new ones (onnxruntime 1.32;
+        checked by tests/test_lora.py), so a session replacing an inline 4-D weight runs without it."""
+        if not weights:
+            return []
+        from sdrt.runtime.onnx_proto import read_initializers
+
+        found = read_initializers(path, weights)
+        external = [n for n in weights if n in found and found[n].location]
+        if external:
+            options.add_external_initializers(
+                external, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[n])) for n in external]
+            )
+        inline = [n for n in weights if n not in external]
+        for name in inline:  # onnxruntime keeps pointers into these buffers: they live as long as the session
+            ortvalue = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[name]))
+            options.add_initializer(name, ortvalue)
+            self._weights.append(ortvalue)
+        return ["NchwcTransformer"] if any(np.ndim(weights[n]) == 4 for n in inline) else []
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.name, self.inputs, feed)

@@ -130,3 +130,25 @@ def test_int8_engines_may_differ_by_their_quantization_error(tiny_artifacts):
     assert tolerance(unet, scale=4.0) == pytest.approx(4e-3)  # float graphs: 1e-3 of the output's scale
     int8 = dataclasses.replace(unet, precision="int8", verification={"max_abs_error": 0.3, "psnr_db": 35.0})
     assert tolerance(int8, scale=4.0) == pytest.approx(0.6)  # two int8 approximations of one fp32 graph
+
+
+def test_lora_sessions_start_from_the_engines_fused_graph(engine_artifacts, diffusers_pipeline, tmp_path):
+    """Adapter sessions on a machine with engines: the fused graph kept beside the engine, weights replaced before
+    onnxruntime optimizes (so the NCHWc layout and pre-packing stay on, convolutions included), and the image is
+    diffusers' with the same LoRA (attention, LoCon convolutions, text encoder)."""
+    from loras import diffusers_images, make_lora
+
+    records = read_records(engine_folder(engine_artifacts))
+    assert {n for n, r in records.items() if r.lora_source} == {"text_encoder", "unet"}
+    path = make_lora(diffusers_pipeline, tmp_path / "style.safetensors", seed=1)
+    latents = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    call = dict(prompt="a photo of a cat", num_inference_steps=3, height=64, width=64)
+    want = diffusers_images(diffusers_pipeline, [(path, 0.8)], latents, **call)
+    base = diffusers_images(diffusers_pipeline, [], latents, **call)
+    with Pipeline.load(engine_artifacts, threads=2) as p:
+        got = p(**call, latents=latents, loras=[(str(path), 0.8)]).images
+        (adapted,) = p.adapters._cache.values()
+    for name in ("unet", "text_encoder"):
+        assert adapted[name].engine.name == f"{name}.lora.onnx" and adapted[name].disabled_optimizers == []
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(want.astype(int) - base.astype(int)).mean() > 5  # the adapter moved the image
