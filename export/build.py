@@ -271,10 +271,16 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     lora_targets, lora_summary = {}, {}
     if name in lora_map.ADAPTABLE:
         t0 = time.perf_counter()
-        lora_targets, lora_summary = lora_map.lora_targets(pipe.parts[name], path)
+        import torch
+
+        args = tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs)
+        lora_targets, lora_summary = lora_map.lora_targets(
+            pipe.parts[name], path, lambda: lora_map.unreachable_modules(pipe.parts[name], module, args)
+        )
+        unused = f", {lora_summary['unused']} no output depends on" if lora_summary.get("unused") else ""
         log.info(
-            "    LoRA map: %d of %d Linear/Conv2d weights located in the graph in %.1f s",
-            lora_summary["mapped"], lora_summary["modules"], time.perf_counter() - t0,
+            "    LoRA map: %d of %d Linear/Conv2d weights located in the graph%s in %.1f s",
+            lora_summary["mapped"], lora_summary["modules"], unused, time.perf_counter() - t0,
         )  # fmt: skip
     optimization = {"steps": steps}
     if lora_summary:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,39 @@ def adaptable_modules(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.M
             yield name, child
 
 
-def lora_targets(module: torch.nn.Module, graph_path: Path) -> tuple[dict[str, dict], dict]:
-    """(targets, summary): module -> {"initializer", "shape", "layout"} for the graph at ``graph_path``."""
+def unreachable_modules(part: torch.nn.Module, wrapper: torch.nn.Module, args: tuple) -> set[str]:
+    """Names of ``part``'s adaptable modules that no output of ``wrapper(*args)`` depends on: autograd reaches
+    no path from the outputs to their weights. (SDXL's first text encoder: its last layer, since the UNet takes
+    the penultimate hidden states; the exporter leaves such layers out of the graph.)"""
+    modules = dict(adaptable_modules(part))
+    params = list(wrapper.parameters())
+    saved = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        weights = [m.weight for m in modules.values()]
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            out = wrapper(*args)
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if torch.is_tensor(t)]
+        total = sum(t.float().sum() for t in outputs if t.requires_grad)
+        if not torch.is_tensor(total):
+            return set(modules)
+        grads = torch.autograd.grad(total, weights, allow_unused=True)
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+    return {name for name, g in zip(modules, grads) if g is None}
+
+
+def lora_targets(
+    module: torch.nn.Module, graph_path: Path, unreachable: Callable[[], set[str]] | None = None
+) -> tuple[dict[str, dict], dict]:
+    """(targets, summary): module -> {"initializer", "shape", "layout"} for the graph at ``graph_path``.
+
+    ``unreachable``: asked only when some weights are not found, for the modules no output depends on; those
+    are recorded with layout "unused" (no initializer): a LoRA may adapt them, and it changes nothing there."""
     model = onnx.load(str(graph_path), load_external_data=True)
     by_digest: dict[bytes, list[str]] = {}
     dtypes = set()
@@ -74,7 +105,19 @@ def lora_targets(module: torch.nn.Module, graph_path: Path) -> tuple[dict[str, d
             shared += names
             for n in names:
                 found.pop(n, None)
-    summary = {"modules": len(found) + len(missing) + len(shared), "mapped": len(found)}
+    unused = []
+    if missing and unreachable is not None:
+        dead = unreachable()
+        unused = [n for n in missing if n in dead]
+        missing = [n for n in missing if n not in dead]
+        shapes = {n: list(child.weight.shape) for n, child in adaptable_modules(module)}
+        for n in unused:
+            found[n] = {"initializer": "", "shape": shapes[n], "layout": "unused"}
+    mapped = len(found) - len(unused)
+    summary = {"modules": mapped + len(unused) + len(missing) + len(shared), "mapped": mapped}
+    if unused:
+        summary["unused"] = len(unused)
+        summary["unused_examples"] = unused[:3]
     if missing:
         summary["not_found"] = len(missing)
         summary["not_found_examples"] = missing[:3]

@@ -215,13 +215,17 @@ def load_file(path: str | Path, limits: LoraLimits = LoraLimits()) -> LoraFile:
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise LoraError(
-            f"lora {str(path)!r}: expected at most {limits.max_file_bytes / 2**20:,.0f} MiB, got {size / 2**20:,.1f} "
-            "MiB (raise LoraLimits.max_file_bytes)"
+            f"lora {str(path)!r}: expected a file of at most {_bytes(limits.max_file_bytes)}, got {_bytes(size)} "
+            "(raise LoraLimits.max_file_bytes)"
         )
     tensors, metadata = read_safetensors(path)
     lora = parse(path, tensors, metadata, limits)
     lora.sha256, lora.bytes = sha256_of(path), size
     return lora
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} bytes" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -364,7 +368,9 @@ class Target:
 
     initializer: str
     shape: tuple[int, ...]  # the module's weight shape: (out, in) or (out, in, kh, kw)
-    layout: str  # "same": the initializer is the weight; "transposed": it is the weight's transpose (Linear)
+    # "same": the initializer is the weight; "transposed": it is the weight's transpose (Linear); "unused": no
+    # output depends on the module, so the graph leaves it out (no initializer) and an update of it changes nothing.
+    layout: str
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Target:
@@ -388,7 +394,12 @@ def resolve(lora: LoraFile, targets: Mapping[str, Mapping[str, Target]]) -> dict
                 f"(adaptable components: {have}); it is for another model"
             )
         names = {_canonical(component, m, lora.format): m for m in known}
-        unmatched = [m for m in layers if _canonical(component, m, lora.format) not in names]
+        if lora.format == "kohya" and component == "unet":  # SDXL files name the SGM UNet kohya trains on
+            per_block = _layers_per_block(known)
+            own = {m: sgm_to_diffusers(m, per_block) or m for m in layers}
+        else:
+            own = {m: _canonical(component, m, lora.format) for m in layers}
+        unmatched = [m for m in layers if own[m] not in names]
         if unmatched:
             raise LoraError(
                 f"{where}: {len(unmatched)} of its {len(layers)} {component} modules match no layer of these "
@@ -397,7 +408,7 @@ def resolve(lora: LoraFile, targets: Mapping[str, Mapping[str, Target]]) -> dict
             )
         resolved = {}
         for module, layer in layers.items():
-            name = names[_canonical(component, module, lora.format)]
+            name = names[own[module]]
             target = known[name]
             want, got = target.shape, layer.shape()
             fits = got[0] == want[0] and math.prod(got[1:]) == math.prod(want[1:])
@@ -410,6 +421,61 @@ def resolve(lora: LoraFile, targets: Mapping[str, Mapping[str, Target]]) -> dict
             resolved[name] = layer
         out[component] = resolved
     return out
+
+
+# kohya's SDXL LoRAs name the original (SGM) UNet that sd-scripts trains SDXL on: input_blocks / middle_block /
+# output_blocks, numbered by layer. These are its names that are not inside a block, and a resnet's layers.
+SGM_NAMES = {
+    "input_blocks_0_0": "conv_in",
+    "out_2": "conv_out",
+    "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2",
+    "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}
+SGM_RESNET = {
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+
+
+def sgm_to_diffusers(name: str, layers_per_block: int) -> str | None:
+    """A kohya UNet module name in SGM numbering (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``) as
+    diffusers' UNet2DConditionModel names it, in kohya's underscores (``down_blocks_1_attentions_0_...``);
+    None when ``name`` is not an SGM name. The numbering as diffusers' ``_maybe_map_sgm_blocks_to_diffusers``
+    reads it: each down block has ``layers_per_block`` layers and then its downsampler, each up block one
+    layer more; a layer's second index is its resnet (0), attention (1) or, in an up block, upsampler (2)."""
+    if name in SGM_NAMES:
+        return SGM_NAMES[name]
+    found = re.fullmatch(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)|middle_block_(\d+)_(.+)", name)
+    if found is None:
+        return None
+    kind, i, j, rest, middle, middle_rest = found.groups()
+    per = layers_per_block + 1
+    if middle is not None:
+        part = {"0": "resnets_0", "1": "attentions_0", "2": "resnets_1"}.get(middle)
+        return None if part is None else f"mid_block_{part}_{SGM_RESNET.get(middle_rest, middle_rest)}"
+    i, j = int(i), int(j)
+    rest = SGM_RESNET.get(rest, rest)
+    if kind == "input_blocks":
+        if i < 1 or j > 1:
+            return None
+        block, layer = (i - 1) // per, (i - 1) % per
+        if rest == "op":
+            return f"down_blocks_{block}_downsamplers_0_conv"
+        return f"down_blocks_{block}_{('resnets', 'attentions')[j]}_{layer}_{rest}"
+    if j > 2:
+        return None
+    block, layer = i // per, i % per
+    return f"up_blocks_{block}_{('resnets', 'attentions', 'upsamplers')[j]}_{layer if j < 2 else 0}_{rest}"
+
+
+def _layers_per_block(targets: Mapping[str, Target]) -> int:
+    """Resnets in the UNet's first down block (SD and SDXL: 2), read from the module names the export recorded."""
+    found = [int(m.group(1)) for name in targets if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", name))]
+    return max(found, default=1) + 1
 
 
 def _canonical(component: str, module: str, format: str) -> str:
@@ -434,6 +500,8 @@ def merged_weights(
     for layers, scale in adapters:
         for module, layer in layers.items():
             target = targets[module]
+            if target.layout == "unused":
+                continue
             delta = layer.delta().reshape(target.shape)
             if target.layout == "transposed":
                 delta = delta.T
@@ -497,6 +565,12 @@ class AdapterSet:
 
 
 BASE = AdapterSet()
+
+
+class RegisteredName(str):
+    """An adapter name that may only mean a registered adapter, never a path: what a client of ``sdrt serve``
+    sends is wrapped in it, so no request can make the server read a file it names, whatever the pipeline's
+    ``lora_paths``."""
 
 
 @dataclass
@@ -567,7 +641,7 @@ class Registry:
     def _lookup(self, i: int, ref, allow_paths: bool) -> LoraFile:
         if isinstance(ref, str) and ref in self.names:
             return self.file(self.names[ref])
-        if not allow_paths:
+        if not allow_paths or isinstance(ref, RegisteredName):
             known = ", ".join(sorted(self.names)) or "none"
             raise LoraError(f"loras[{i}] name: expected one of the registered adapters ({known}), got {ref!r:.80}")
         if isinstance(ref, LoraFile):
@@ -604,9 +678,38 @@ class AdapterSessions:
         self.stats = {"builds": 0, "hits": 0, "build_seconds": 0.0}
 
     def check(self, adapters: AdapterSet) -> None:
-        """LoraError unless every file of ``adapters`` fits these artifacts (before any work)."""
-        for lora, _ in adapters.items:
-            self._layers(lora)
+        """Before any work: LoraError unless every file of ``adapters`` fits these artifacts, and BudgetError
+        when the set is not cached and its sessions would not fit the memory available now."""
+        per_component = self._per_component(adapters)
+        if not per_component:
+            return
+        with self._lock:
+            cached = adapters.key in self._cache
+        if not cached:
+            self._check_memory(per_component)
+
+    def _per_component(self, adapters: AdapterSet) -> dict[str, list[tuple[dict[str, Layer], float]]]:
+        """component -> [(layers, scale)] of the modules the set changes (those no output depends on left out)."""
+        per_component: dict[str, list[tuple[dict[str, Layer], float]]] = {}
+        for lora, scale in adapters.items:
+            for component, layers in self._layers(lora).items():
+                used = {m: layer for m, layer in layers.items() if self.targets[component][m].layout != "unused"}
+                if used:  # a component whose adapted modules no output depends on keeps the base's session
+                    per_component.setdefault(component, []).append((used, scale))
+        return per_component
+
+    def _check_memory(self, per_component: Mapping) -> None:
+        from sdrt.runtime.validation import BudgetError, available_memory
+
+        # A session of its own per adapted component: about that graph's size again, plus the merged weights.
+        need = sum(sum(f.bytes for f in self.manifest.components[c].files) for c in per_component)
+        free = available_memory()
+        if free is not None and need > free:
+            raise BudgetError(
+                f"loras: the adapter set needs sessions of its own for {', '.join(per_component)}, about "
+                f"{need / 2**20:,.0f} MiB, the machine has {free / 2**20:,.0f} MiB available now (fewer cached "
+                "adapter sets, LoraLimits.cached_sets, or fuse the adapters with `sdrt export --lora`)"
+            )
 
     def _layers(self, lora: LoraFile) -> dict[str, dict[str, Layer]]:
         with self._lock:
@@ -641,33 +744,23 @@ class AdapterSessions:
             with self._lock:
                 hit = self._cache.get(key)
             if hit is None:
+                with self._lock:
+                    # Room first: the least recently used sets go before the new one is built, so memory holds
+                    # at most cached_sets sets at a time. Dropped, not closed: a call still running on them
+                    # keeps them alive until it ends.
+                    while self._cache and len(self._cache) >= max(self.limits.cached_sets, 1):
+                        self._cache.popitem(last=False)
                 hit = self._build(adapters)
                 with self._lock:
                     self._cache[key] = hit
-                    while len(self._cache) > max(self.limits.cached_sets, 1):
-                        # Dropped, not closed: a call still running on them keeps them alive until it ends.
-                        self._cache.popitem(last=False)
                     self.stats["builds"] += 1
                     self.stats["build_seconds"] += time.perf_counter() - t0
                 return hit, {"cached": False, "seconds": time.perf_counter() - t0}
         return hit, {"cached": True, "seconds": time.perf_counter() - t0}
 
     def _build(self, adapters: AdapterSet) -> dict:
-        from sdrt.runtime.validation import BudgetError, available_memory
-
-        per_component: dict[str, list[tuple[dict[str, Layer], float]]] = {}
-        for lora, scale in adapters.items:
-            for component, layers in self._layers(lora).items():
-                per_component.setdefault(component, []).append((layers, scale))
-        # A session of its own per adapted component: about that graph's size again, plus the merged weights.
-        need = sum(sum(f.bytes for f in self.manifest.components[c].files) for c in per_component)
-        free = available_memory()
-        if free is not None and need > free:
-            raise BudgetError(
-                f"loras: the adapter set needs sessions of its own for {', '.join(per_component)}, about "
-                f"{need / 2**20:,.0f} MiB, the machine has {free / 2**20:,.0f} MiB available now (fewer cached "
-                "adapter sets, LoraLimits.cached_sets, or fuse the adapters with `sdrt export --lora`)"
-            )
+        per_component = self._per_component(adapters)
+        self._check_memory(per_component)  # again: memory may have gone since the call was checked
         sessions = {}
         for component, items in per_component.items():
             targets = self.targets[component]
@@ -703,6 +796,7 @@ __all__ = [
     "LoraError",
     "LoraFile",
     "LoraLimits",
+    "RegisteredName",
     "Registry",
     "SdrtError",
     "Target",

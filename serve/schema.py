@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.lora import RegisteredName
 
 RESPONSE_FORMATS = ("b64_json", "png")
 MAX_IMAGE_PIXELS = 4096 * 4096  # an uploaded image's own size, checked before it is decoded (PNG bombs)
@@ -110,7 +111,7 @@ def _loras(value) -> list[dict]:
             )
         if not isinstance(entry["name"], str):
             raise SchemaError(f"loras[{i}].name: expected a string, got {json_preview(entry['name'])}")
-    return [{"name": e["name"], "scale": e.get("scale", 1.0)} for e in value]
+    return [{"name": RegisteredName(e["name"]), "scale": e.get("scale", 1.0)} for e in value]
 
 
 def json_preview(value) -> str:

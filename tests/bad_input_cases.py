@@ -37,6 +37,8 @@ class CallCase:
     error: type
     says: str  # a fragment the message must contain
     before: str = ""  # what this input did before the runtime checked it (the issue's findings), for the table
+    lora_limits: dict = field(default_factory=dict)  # LoraLimits fields other than the defaults, for this call
+    available_bytes: int | None = None  # the memory the machine has available now, as this call sees it
 
 
 def _latents(fill: float = 0.0, shape=LATENT, dtype=np.float32) -> np.ndarray:
@@ -148,6 +150,15 @@ CALL_CASES = [
              LoraError, "has weight shape [64, 64] in these artifacts, the adapter's update is [640, 640]"),
     CallCase("lora keys matching nothing", dict(loras=[("{tmp}/unknown-modules.safetensors", 1.0)]), LoraError,
              "2 of its 3 unet modules match no layer of these artifacts, e.g. 'mid_block.attentions.7"),
+    CallCase("lora with inf in a factor", dict(loras=[("{tmp}/inf.safetensors", 1.0)]), LoraError,
+             "expected finite values in the up factor, got 1 NaN or infinite"),
+    CallCase("lora file over the size limit", dict(loras=[("{tmp}/ok.safetensors", 1.0)]), LoraError,
+             "expected a file of at most 1,024 bytes", lora_limits=dict(max_file_bytes=1024)),
+    CallCase("lora set beyond the memory available", dict(loras=[("{tmp}/ok.safetensors", 1.0)], height=16, width=16),
+             BudgetError,
+             "the adapter set needs sessions of its own for unet", available_bytes=2**20),
+    CallCase("lora scale over the limit", dict(loras=[("{tmp}/ok.safetensors", 1000.0)]), LoraError,
+             "loras[0] scale: expected a finite number in [-100, 100], got 1000.0"),
     CallCase("lora with NaN in a factor", dict(loras=[("{tmp}/nan.safetensors", 1.0)]), LoraError,
              "expected finite values in the up factor, got 1 NaN"),
     CallCase("lora scale=nan", dict(loras=[("{tmp}/ok.safetensors", NAN)]), LoraError,
@@ -209,16 +220,17 @@ def call_kwargs(case: CallCase, tmp) -> dict:
 TINY_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # (64, 64)
 
 
-def _lora_file(path, modules: dict, rank: int = 2, poison: bool = False) -> None:
-    """A peft-format LoRA for ``modules`` (name -> (out, in)); ``poison``: one NaN in the first up factor."""
+def _lora_file(path, modules: dict, rank: int = 2, poison: float | None = None) -> None:
+    """A peft-format LoRA for ``modules`` (name -> (out, in)); ``poison``: that value (NaN, inf) in the first up
+    factor."""
     from safetensors.numpy import save_file
 
     rng, tensors = np.random.default_rng(0), {}
     for name, (out, inp) in modules.items():
         tensors[f"unet.{name}.lora_A.weight"] = rng.normal(size=(rank, inp)).astype(np.float32)
         tensors[f"unet.{name}.lora_B.weight"] = rng.normal(size=(out, rank)).astype(np.float32)
-    if poison:
-        tensors[f"unet.{next(iter(modules))}.lora_B.weight"][0, 0] = np.nan
+    if poison is not None:
+        tensors[f"unet.{next(iter(modules))}.lora_B.weight"][0, 0] = poison
     save_file(tensors, str(path))
 
 
@@ -235,7 +247,8 @@ def make_scratch(tmp) -> None:
         tmp / "unknown-modules.safetensors",
         {TINY_Q: (64, 64), "mid_block.attentions.7.proj_in": (64, 64), "up_blocks.9.attentions.0.proj_out": (64, 64)},
     )
-    _lora_file(tmp / "nan.safetensors", {TINY_Q: (64, 64)}, poison=True)
+    _lora_file(tmp / "nan.safetensors", {TINY_Q: (64, 64)}, poison=NAN)
+    _lora_file(tmp / "inf.safetensors", {TINY_Q: (64, 64)}, poison=-INF)
     _lora_file(tmp / "rank-2048.safetensors", {TINY_Q: (64, 64)}, rank=2048)
     (tmp / "style.ckpt").write_bytes(pickle.dumps({"a": 1}))
     (tmp / "pickled.safetensors").write_bytes(pickle.dumps({"a": 1}))

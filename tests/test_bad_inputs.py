@@ -7,6 +7,7 @@ the message each one got (the README links it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from bad_input_cases import ARTIFACT_CASES, CALL_CASES, call_kwargs, make_scratch
 
-from sdrt.runtime import Pipeline
+from sdrt.runtime import Pipeline, validation
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import MANIFEST_NAME
 
@@ -64,10 +65,16 @@ def write_table():
 
 
 @pytest.mark.parametrize("case", CALL_CASES, ids=[c.id for c in CALL_CASES])
-def test_bad_call_is_refused_before_any_work(case, counted, scratch):
+def test_bad_call_is_refused_before_any_work(case, counted, scratch, monkeypatch):
     pipe, runs = counted
     kwargs = call_kwargs(case, scratch)
     before = runs[0]
+    if case.lora_limits:
+        limits = dataclasses.replace(pipe.loras.limits, **case.lora_limits)
+        monkeypatch.setattr(pipe.loras, "limits", limits)
+        monkeypatch.setattr(pipe.adapters, "limits", limits)
+    if case.available_bytes is not None:
+        monkeypatch.setattr(validation, "available_memory", lambda: case.available_bytes)
     tracemalloc.start()
     try:
         with pytest.raises(case.error) as info:
@@ -82,7 +89,7 @@ def test_bad_call_is_refused_before_any_work(case, counted, scratch):
     RESULTS[case.id] = (
         f"{case.id} (before: {case.before})" if case.before else case.id,
         type(info.value).__name__,
-        message,
+        message.replace(str(scratch), "<tmp>"),
     )
 
 
