@@ -112,7 +112,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         help="run: what the --random-loras files adapt: every Linear layer of the UNet and text encoders, or "
         "the convolutions too (LoCon)",
     )
-    p.add_argument("--lora-dir", type=Path, default=Path("loras"), help="run: where --random-loras writes its files")
+    p.add_argument(
+        "--lora-dir", type=Path, default=Path("build/loras"), help="run: where --random-loras writes its files"
+    )
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="run: the device's peak TFLOP/s, for the fraction achieved"
     )
@@ -244,3 +246,35 @@ def _ensure_random_sd15(artifacts: Path) -> None:
         print(f"building SD 1.5's architecture with random weights in {model} (no download)")
         write_random_model(model, preset="sd15")
     export_pipeline(str(model), artifacts)  # a no-op when up to date
+
+
+def register_random_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "random-lora",
+        help="write a LoRA file with random factors for an artifact directory (to try adapters without one)",
+        description=(
+            "Write a diffusers-format LoRA (.safetensors) with seeded random factors for every Linear layer (or every "
+            "layer, with --modules all) of the UNet and text encoder(s) the artifacts' LoRA map records. No torch, "
+            "no download: for trying `--lora` and `loras=` and for `sdrt bench --random-loras`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--artifacts", type=Path, required=True, help="artifact directory written by `sdrt export`")
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    p.add_argument("--rank", type=int, default=16, help="rank of every layer's update")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random factors")
+    p.add_argument("--modules", default="linear", choices=("linear", "all"), help="Linear layers, or convolutions too")
+    p.add_argument("--std", type=float, default=0.02, help="standard deviation of the up factors (the update's size)")
+    p.set_defaults(func=_random_lora)
+
+
+def _random_lora(args: argparse.Namespace) -> int:
+    from sdrt.benchmarks.random_lora import write_random_lora
+    from sdrt.runtime.lora import load_file
+
+    out = write_random_lora(args.artifacts, args.out, args.rank, args.seed, args.modules, args.std)
+    lora = load_file(out)
+    print(
+        f"wrote {out}: {lora.modules} layers, rank {args.rank}, {lora.bytes / 2**20:.1f} MiB, sha256 {lora.sha256[:12]}"
+    )
+    return 0

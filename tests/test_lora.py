@@ -252,6 +252,14 @@ def test_random_lora_files_fit_the_artifacts_they_are_written_for(tiny_artifacts
                 for c in ("unet", "text_encoder")}  # fmt: skip
         assert {c: set(layers) for c, layers in f.layers.items()} == want
         assert {layer.rank for layers in f.layers.values() for layer in layers.values()} == {4}
+    from sdrt.runtime.cli import main
+
+    cli = tmp_path / "cli.safetensors"  # `sdrt random-lora` writes the same file
+    assert (
+        main(["random-lora", "--artifacts", str(tiny_artifacts), "--out", str(cli), "--rank", "4", "--modules", "all"])
+        == 0
+    )
+    assert cli.read_bytes() == path.read_bytes()
     with Pipeline.load(tiny_artifacts) as p:
         adapters = p.adapters
         resolve(f, adapters.targets)  # refuses a file that does not fit
