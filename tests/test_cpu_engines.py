@@ -136,7 +136,7 @@ def test_lora_sessions_start_from_the_engines_fused_graph(engine_artifacts, diff
     """Adapter sessions on a machine with engines: the fused graph kept beside the engine, weights replaced before
     onnxruntime optimizes (so the NCHWc layout and pre-packing stay on, convolutions included), and the image is
     diffusers' with the same LoRA (attention, LoCon convolutions, text encoder)."""
-    from loras import diffusers_images, make_lora
+    from lora_files import diffusers_images, make_lora
 
     records = read_records(engine_folder(engine_artifacts))
     assert {n for n, r in records.items() if r.lora_source} == {"text_encoder", "unet"}

@@ -1,6 +1,6 @@
 """LoRA adapters against diffusers (load_lora_weights + set_adapters): one adapter, two with their own scales, a
 kohya file, an SDXL LoRA (both text encoders), switching between sets in one pipeline, batches of mixed sets,
-fusing at export, and the service's named adapters. The files are made with peft on the tiny models (tests/loras.py)."""
+fusing at export, and the service's named adapters. The files are made with peft on the tiny models (tests/lora_files.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from lora_files import diffusers_images, make_lora, to_kohya
 from PIL import Image
 
-from loras import diffusers_images, make_lora, to_kohya
 from sdrt.runtime import Pipeline
 from sdrt.runtime.hashing import sha256_file
 from sdrt.runtime.lora import LoraError, LoraLimits
