@@ -300,6 +300,15 @@ def load_vae(folder: Path, allow_pickle: bool = False) -> torch.nn.Module:
     return model.eval()
 
 
+def _layers_per_block(value) -> int:
+    """UNet2DConditionModel's layers_per_block: one number, or one per block (0 when they differ: the ControlNet
+    residual layout assumes one number)."""
+    if isinstance(value, int):
+        return value
+    values = {int(v) for v in value}
+    return values.pop() if len(values) == 1 else 0
+
+
 def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = False) -> LoadedPipeline:
     """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's.
     Weights are read from safetensors only, unless ``allow_pickle`` (then a part without safetensors
@@ -366,6 +375,8 @@ def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = Fa
         time_cond_dim=int(ucfg.get("time_cond_proj_dim") or 0),
         vae_kind=vae_kind,
         sample_size=int(ucfg.sample_size),
+        unet_block_channels=tuple(int(c) for c in ucfg.block_out_channels),
+        unet_layers_per_block=_layers_per_block(ucfg.layers_per_block),
     )
     if time_ids and family.micro_conditioning:
         expected = int(ucfg.addition_time_embed_dim) * time_ids + dims.pooled_dim

@@ -54,6 +54,10 @@ class ModelDims:
     time_cond_dim: int = 0  # LCM: the UNet's guidance-embedding width (time_cond_proj_dim)
     vae_kind: str = "kl"
     sample_size: int = 64  # the UNet's default latent size
+    # The UNet's block layout (ControlNet residuals have one tensor per down-block layer): channels of each
+    # down block and resnets per block. Empty in manifests written before sdrt recorded them.
+    unet_block_channels: tuple[int, ...] = ()
+    unet_layers_per_block: int = 0
 
     def __post_init__(self):
         if self.vae_kind not in VAE_KINDS:
@@ -81,11 +85,18 @@ class ModelDims:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["text_hidden"] = list(self.text_hidden)
+        d["unet_block_channels"] = list(self.unet_block_channels)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelDims:
-        return cls(**{**d, "text_hidden": tuple(d["text_hidden"])})
+        return cls(
+            **{
+                **d,
+                "text_hidden": tuple(d["text_hidden"]),
+                "unet_block_channels": tuple(d.get("unet_block_channels", ())),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -261,13 +272,46 @@ def detect(model_index: dict, unet_config: dict) -> Family:
 def sizes(dims: ModelDims, batch: int, latent_height: int, latent_width: int) -> dict[str, int]:
     """Values for every symbolic dimension, from a batch and a latent size."""
     f = dims.vae_scale_factor
-    return {
+    values = {
         "batch": batch,
         "latent_height": latent_height,
         "latent_width": latent_width,
         "image_height": latent_height * f,
         "image_width": latent_width * f,
     }
+    for level in range(1, dims.unet_levels):  # the UNet's inner resolutions (latent sizes divide by 2**(levels-1))
+        values[reduced("latent_height", level)] = latent_height // 2**level
+        values[reduced("latent_width", level)] = latent_width // 2**level
+    return values
+
+
+def reduced(name: str, level: int) -> str:
+    """The symbolic dimension ``name`` halved ``level`` times: ``latent_height_4`` is latent_height / 4."""
+    return name if level == 0 else f"{name}_{2**level}"
+
+
+def control_residual_specs(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """The residuals a ControlNet hands the UNet, in the order diffusers' UNet2DConditionModel takes them
+    (``down_block_additional_residuals``, then ``mid_block_additional_residual``): conv_in's output, each resnet
+    of each down block and each downsampler, at that point's channels and resolution; then the mid block's."""
+    if not dims.unet_block_channels or not dims.unet_layers_per_block:
+        raise ArtifactError(
+            "ControlNet: expected the UNet's block layout in the manifest (unet_block_channels, "
+            "unet_layers_per_block), got none: re-export the model with this sdrt"
+        )
+
+    def at(name: str, channels: int, level: int) -> TensorSpec:
+        shape = ["batch", channels, reduced("latent_height", level), reduced("latent_width", level)]
+        return TensorSpec(name, "float32", shape)
+
+    chans, per = dims.unet_block_channels, dims.unet_layers_per_block
+    points = [(chans[0], 0)]
+    for level, c in enumerate(chans):
+        points += [(c, level)] * per
+        if level < len(chans) - 1:  # every block but the last ends with a downsampler
+            points.append((c, level + 1))
+    down = [at(f"down_block_residual_{i}", c, level) for i, (c, level) in enumerate(points)]
+    return (*down, at("mid_block_residual", chans[-1], len(chans) - 1))
 
 
 def random_inputs(specs, values: dict[str, int], rng: np.random.Generator, high: int = 0) -> dict[str, np.ndarray]:

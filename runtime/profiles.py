@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import reduced
 from sdrt.runtime.manifest import Component, Manifest
 
 
@@ -86,13 +87,16 @@ def dimension_ranges(component: str, manifest: Manifest, ranges: ShapeRanges) ->
         # encoders see prompts and negative prompts in one call; min stays the single batch so that
         # guidance_scale <= 1 (no doubling) is still served.
         batch = Range(batch.min, 2 * batch.opt, 2 * batch.max)
-    return {
+    out = {
         "batch": batch,
         "image_height": ranges.height,
         "image_width": ranges.width,
-        "latent_height": Range(ranges.height.min // f, ranges.height.opt // f, ranges.height.max // f),
-        "latent_width": Range(ranges.width.min // f, ranges.width.opt // f, ranges.width.max // f),
     }
+    for level in range(manifest.model_dims.unet_levels):  # latent sizes, and the UNet's inner ones (ControlNet)
+        for name, pixels in (("latent_height", ranges.height), ("latent_width", ranges.width)):
+            d = f * 2**level
+            out[reduced(name, level)] = Range(pixels.min // d, pixels.opt // d, pixels.max // d)
+    return out
 
 
 Shape = tuple[int, ...]

@@ -84,3 +84,49 @@ def test_defaults_follow_diffusers_per_family_and_task():
     assert FAMILIES["sdxl"].defaults(dims(), "inpainting")["guidance_scale"] == 7.5
     assert FAMILIES["sd1"].defaults(dims(time_cond_dim=256)) == {"num_inference_steps": 4, "guidance_scale": 8.5}
     assert (FAMILIES["sd1"].default_strength, FAMILIES["sdxl"].default_strength) == (0.8, 0.3)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_control_residuals_are_what_diffusers_controlnet_gives_and_its_unet_takes(preset, family_models):
+    """The residual tensors the registry describes for a ControlNet (names, channels, inner resolutions) against
+    diffusers: ControlNetModel.from_unet's outputs at a non-square latent size, fed back into the UNet."""
+    import numpy as np
+    import torch
+    from diffusers import ControlNetModel
+
+    from sdrt.export.modules import load_pipeline
+
+    pipe = load_pipeline(family_models(preset))
+    dims, unet = pipe.dims, pipe.parts["unet"]
+    values = families.sizes(
+        dims, batch=1, latent_height=2 * dims.latent_multiple, latent_width=3 * dims.latent_multiple
+    )
+    specs = families.control_residual_specs(dims)
+    want = [tuple(values[d] if isinstance(d, str) else d for d in s.shape) for s in specs]
+    controlnet = ControlNetModel.from_unet(unet)
+    sample = torch.randn(1, dims.latent_channels, values["latent_height"], values["latent_width"])
+    text = torch.randn(1, dims.text_length, dims.cross_attention_dim)
+    extra = {}
+    if dims.time_ids:
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, dims.pooled_dim),
+            "time_ids": torch.rand(1, dims.time_ids) * 1024,
+        }
+    cond = torch.rand(1, 3, values["image_height"], values["image_width"])
+    with torch.no_grad():
+        down, mid = controlnet(sample, 500, text, controlnet_cond=cond, return_dict=False, **extra)
+        got = [tuple(t.shape) for t in (*down, mid)]
+        assert got == want, (got, want)
+        assert [s.name for s in specs][-1] == "mid_block_residual" and len(specs) == len(down) + 1
+        residuals = [torch.randn(shape) for shape in want]
+        out = unet(sample, 500, text, down_block_additional_residuals=residuals[:-1],
+                   mid_block_additional_residual=residuals[-1], return_dict=False, **extra)[0]  # fmt: skip
+    assert np.isfinite(out.numpy()).all()
+
+
+def test_control_residuals_need_the_recorded_block_layout():
+    from sdrt.runtime.errors import ArtifactError
+
+    dims = ModelDims(77, (32,), 1000, 4, 4, 8, 2, 32)  # a manifest written before the layout was recorded
+    with pytest.raises(ArtifactError, match="re-export"):
+        families.control_residual_specs(dims)
