@@ -12,6 +12,7 @@ transformers (custom code shipped in the folder) is refused rather than ignored.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -124,6 +125,74 @@ UNET_WRAPPERS = {
     ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"): UNetXL,
     ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"): UNetXLLCM,
 }
+
+
+def _named_inputs(cls: type, names: list[str]) -> type:
+    """A subclass of ``cls`` whose ``forward(*inputs)`` shows ``names`` as its parameters: the exporter maps
+    dynamic axes to inputs by parameter name, and ControlNet's residual count depends on the UNet's layout."""
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), *(P(n, P.POSITIONAL_OR_KEYWORD) for n in names)]
+
+    def forward(self, *inputs):
+        return cls.forward(self, *inputs)
+
+    forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return type(cls.__name__, (cls,), {"forward": forward, "input_names": tuple(names)})
+
+
+class UNetControl(UNet):
+    """The UNet's inputs, then ControlNet's residuals (the down blocks' in order, the mid block's last) -> noise
+    prediction, as diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual``."""
+
+    input_names: tuple[str, ...] = ()
+
+    def forward(self, *inputs):
+        given = dict(zip(self.input_names, inputs))
+        residuals = [given[n] for n in self.input_names if n.endswith("_residual") or "_residual_" in n]
+        return self.unet(
+            given["sample"],
+            given["timestep"],
+            given["encoder_hidden_states"],
+            timestep_cond=given.get("timestep_cond"),
+            added_cond_kwargs={"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]}
+            if "text_embeds" in given
+            else None,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+class ControlNet(torch.nn.Module):
+    """Latents, timestep, text (and SDXL's pooled text and time ids), control image in [0, 1] -> the residuals
+    at conditioning scale 1 (the runtime scales them, as diffusers' ``conditioning_scale`` and guess mode do)."""
+
+    input_names: tuple[str, ...] = ()
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, *inputs):
+        given = dict(zip(self.input_names, inputs))
+        down, mid = self.controlnet(
+            given["sample"],
+            given["timestep"],
+            given["encoder_hidden_states"],
+            controlnet_cond=given["controlnet_cond"],
+            conditioning_scale=1.0,
+            added_cond_kwargs={"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]}
+            if "text_embeds" in given
+            else None,
+            return_dict=False,
+        )
+        return (*down, mid)
+
+
+def control_module(spec, model: torch.nn.Module) -> torch.nn.Module:
+    """The export wrapper of a ControlNet component spec (``controlnet`` or ``unet_control``) around ``model``."""
+    cls = {"ControlNet": ControlNet, "UNetControl": UNetControl}[spec.wrapper]
+    return _named_inputs(cls, [t.name for t in spec.inputs])(model).eval()
 
 
 class VaeDecoder(torch.nn.Module):

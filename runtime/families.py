@@ -379,6 +379,28 @@ def _unet_spec(dims: ModelDims) -> ComponentSpec:
     )
 
 
+def control_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
+    """ControlNet's two graphs. ``controlnet``: the UNet's inputs (but its own input channels: the VAE's latents)
+    and the control image in pixels -> the residuals, unscaled (the runtime applies conditioning scales and guess
+    mode's per-residual scales). ``unet_control``: the UNet's inputs plus those residuals -> the noise
+    prediction; exported beside the plain UNet, which keeps running alone when no ControlNet is loaded."""
+    unet = _unet_spec(dims)
+    residuals = control_residual_specs(dims)
+    latents = TensorSpec("sample", "float32", ["batch", dims.latent_channels, "latent_height", "latent_width"])
+    image = TensorSpec("controlnet_cond", "float32", ["batch", 3, "image_height", "image_width"])
+    inputs = (latents, *(t for t in unet.inputs if t.name not in ("sample", "timestep_cond")), image)
+    return {
+        "controlnet": ComponentSpec(
+            "controlnet", inputs, residuals, wrapper="ControlNet", ort_model_type="unet", batch="guidance",
+            sample_overrides=unet.sample_overrides,
+        ),
+        "unet_control": ComponentSpec(
+            "unet_control", (*unet.inputs, *residuals), unet.outputs, wrapper="UNetControl", ort_model_type="unet",
+            batch="guidance", sample_overrides=unet.sample_overrides,
+        ),
+    }  # fmt: skip
+
+
 def _vae_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
     c = dims.latent_channels
     latent = ["batch", c, "latent_height", "latent_width"]
