@@ -24,7 +24,7 @@ from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, s
 from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
 from sdrt.runtime.engine_cache import ENGINES_DIR
 from sdrt.runtime.errors import ArtifactError, ExportError
-from sdrt.runtime.families import ALL_COMPONENTS, Family, sizes
+from sdrt.runtime.families import ALL_COMPONENTS, OPTIONAL_COMPONENTS, Family, sizes
 from sdrt.runtime.hashing import sha256_file
 from sdrt.runtime.manifest import Component, FileRecord, Manifest, TokenizerInfo
 
@@ -86,10 +86,12 @@ class ExportOptions:
         return family.fp16_exceptions.get(component, "fp16")
 
     def components_of(self, family: Family) -> tuple[str, ...]:
-        """The components to export for ``family``: all of them unless a subset was asked for."""
-        if not self.components:
-            return family.components()
-        alien = [c for c in self.components if c not in family.components()]
+        """The components to export for ``family``: all of them unless a subset was asked for (and the optional
+        ones, such as the UNet that takes ControlNet residuals, only when asked for)."""
+        optional = tuple(c for c in OPTIONAL_COMPONENTS if c in self.components)
+        if not [c for c in self.components if c not in OPTIONAL_COMPONENTS]:
+            return (*family.components(), *optional)
+        alien = [c for c in self.components if c not in (*family.components(), *OPTIONAL_COMPONENTS)]
         if alien:
             raise ExportError(
                 f"components: expected names from the {family.name} family's {', '.join(family.components())}, "
@@ -98,7 +100,7 @@ class ExportOptions:
         needed = [c for c in family.components() if c != "vae_encoder" and c not in self.components]
         if needed:
             raise ExportError(f"components: text-to-image needs {', '.join(needed)}; got {list(self.components)}")
-        return tuple(c for c in family.components() if c in self.components)
+        return (*(c for c in family.components() if c in self.components), *optional)
 
 
 @dataclass

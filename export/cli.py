@@ -32,6 +32,12 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         help="components to export (default: all of the model family's; the VAE encoder may be left out)",
     )
     p.add_argument(
+        "--controlnet-unet",
+        action="store_true",
+        help="also export unet_control: the UNet taking ControlNet residuals (the plain UNet still runs alone "
+        "when no ControlNet is loaded)",
+    )
+    p.add_argument(
         "--precision",
         default="fp32",
         choices=("fp32", "fp16"),
@@ -94,7 +100,7 @@ def _export(args: argparse.Namespace) -> int:
         overrides.append((name, value))
     options = ExportOptions(
         opset=args.opset,
-        components=tuple(args.components),
+        components=tuple(dict.fromkeys([*args.components, *(["unet_control"] if args.controlnet_unet else [])])),
         verify=not args.no_verify,
         precision=args.precision,
         component_precision=tuple(overrides),

@@ -247,6 +247,8 @@ class LoadedPipeline:
             module = TextEncoder(self.parts[name], tuple(t.name for t in spec.outputs))
         elif spec.wrapper == "UNet":
             module = UNET_WRAPPERS[tuple(t.name for t in spec.inputs)](self.unet)
+        elif spec.wrapper == "UNetControl":
+            module = control_module(spec, self.unet)
         else:
             module = {"VaeDecoder": VaeDecoder, "VaeEncoder": VaeEncoder}[spec.wrapper](self.vae)
         return module.eval()

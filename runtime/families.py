@@ -34,7 +34,9 @@ from sdrt.runtime.manifest import TensorSpec
 
 VAE_KINDS = ("kl", "tiny")  # AutoencoderKL (encoder gives a Gaussian's parameters), AutoencoderTiny (latents)
 TASKS = ("text-to-image", "image-to-image", "inpainting")
-ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "unet_control")
+# Exported only when asked for (sdrt export --controlnet-unet), opened only when a ControlNet is loaded.
+OPTIONAL_COMPONENTS = ("unet_control",)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ class Family:
         specs = {role.component: _text_encoder_spec(role, dims, i) for i, role in enumerate(self.text_encoders)}
         specs["unet"] = _unet_spec(dims)
         specs.update(_vae_specs(dims))
+        if dims.unet_block_channels and dims.unet_layers_per_block:  # manifests that record the UNet's layout
+            specs["unet_control"] = control_specs(dims)["unet_control"]
         return specs
 
     def defaults(self, dims: ModelDims, task: str = "text-to-image") -> dict:

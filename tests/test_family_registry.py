@@ -130,3 +130,18 @@ def test_control_residuals_need_the_recorded_block_layout():
     dims = ModelDims(77, (32,), 1000, 4, 4, 8, 2, 32)  # a manifest written before the layout was recorded
     with pytest.raises(ArtifactError, match="re-export"):
         families.control_residual_specs(dims)
+
+
+def test_the_controlnet_unet_is_exported_only_when_asked_for_and_never_opened_by_default():
+    from sdrt.export.build import ExportOptions
+
+    sd1 = FAMILIES["sd1"]
+    assert ExportOptions().components_of(sd1) == sd1.components()
+    assert ExportOptions(components=("unet_control",)).components_of(sd1) == (*sd1.components(), "unet_control")
+    subset = ("text_encoder", "unet", "vae_decoder", "unet_control")
+    assert ExportOptions(components=subset).components_of(sd1) == subset
+    assert "unet_control" not in sd1.components()  # what Pipeline.load opens
+    layout = dims(unet_block_channels=(320, 640, 1280, 1280), unet_layers_per_block=2)
+    assert "unet_control" in sd1.specs(layout) and "unet_control" not in sd1.specs(dims())
+    residuals = [t for t in sd1.specs(layout)["unet_control"].inputs if "residual" in t.name]
+    assert len(residuals) == 13  # SD 1.5: conv_in, 4 blocks x 2 resnets, 3 downsamplers, and the mid block
