@@ -20,7 +20,15 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="diffusers pipeline folder, or hub id such as org/name")
+    p.add_argument("--model", default=None, help="diffusers pipeline folder, or hub id such as org/name")
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="FOLDER",
+        help="instead of --model: a diffusers ControlNetModel folder, exported to its own artifact directory (--out); "
+        "with --base ARTIFACTS, checked first against the model it is for",
+    )
+    p.add_argument("--base", type=Path, default=None, help="with --controlnet: the model's artifact directory")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for a hub id")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
@@ -91,6 +99,20 @@ def _export(args: argparse.Namespace) -> int:
     from sdrt.export.build import ExportOptions, export_pipeline
     from sdrt.runtime.errors import ExportError
     from sdrt.runtime.lora import parse_cli_arg
+
+    if (args.model is None) == (args.controlnet is None):
+        raise ExportError("export: expected --model (a pipeline) or --controlnet (a ControlNetModel folder), got "
+                          + ("both" if args.model else "neither"))  # fmt: skip
+    if args.controlnet is not None:
+        from sdrt.export.controlnet import export_controlnet
+
+        m = export_controlnet(args.controlnet, args.out, args.base, args.opset, not args.no_verify, args.allow_pickle)
+        check = m.component.verification
+        err = f", max abs error vs PyTorch {check['max_abs_error']:.2e}" if check else ""
+        print(f"exported a {m.family} ControlNet ({len(m.component.outputs)} residuals) to {args.out}{err}")
+        return 0
+    if args.base is not None:
+        raise ExportError("--base: expected only with --controlnet")
 
     overrides = []
     for item in args.component_precision:

@@ -26,8 +26,10 @@ def loaded(tiny_model):
     return pipe, controlnet
 
 
-# The residual-taking UNet's export costs ~20 s: slow until the runtime's parity tests share one export of it.
-@pytest.mark.parametrize("name", ["controlnet", pytest.param("unet_control", marks=pytest.mark.slow)])
+# Each export costs 10-20 s: the ControlNet's is checked through `sdrt export --controlnet` below; these stay slow
+# until the runtime's parity tests share one export of each.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["controlnet", "unet_control"])
 def test_control_graphs_export_and_match_pytorch(name, loaded, tmp_path):
     from sdrt.export.modules import control_module
     from sdrt.export.onnx_export import export_onnx, verify_onnx
@@ -51,3 +53,39 @@ def test_control_graphs_export_and_match_pytorch(name, loaded, tmp_path):
         plain = pipe.unet(*(torch.from_numpy(other[n]) for n in ("sample", "timestep", "encoder_hidden_states")),
                           return_dict=False)[0]  # fmt: skip
         assert (outs - plain).abs().max() > 1e-3
+
+
+def test_sdrt_export_controlnet_writes_a_checked_directory_that_fits_its_model(loaded, tiny_artifacts, tmp_path):
+    import dataclasses
+    import json
+
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.controlnet import ControlNetManifest
+    from sdrt.runtime.errors import ArtifactError
+    from sdrt.runtime.manifest import Manifest
+
+    _, controlnet = loaded
+    folder, out = tmp_path / "controlnet-folder", tmp_path / "controlnet"
+    controlnet.save_pretrained(folder)
+    assert main(["export", "--controlnet", str(folder), "--base", str(tiny_artifacts), "--out", str(out)]) == 0
+    cn = ControlNetManifest.load(out)  # sizes and sha256 of every file
+    assert cn.family == "sd1" and cn.component.verification["max_abs_error"] < 1e-4
+    assert [t.name for t in cn.component.outputs] == [t.name for t in families.control_residual_specs(
+        Manifest.load(tiny_artifacts).model_dims)]  # fmt: skip
+    model = Manifest.load(tiny_artifacts)
+    cn.check_fits(model)
+    with pytest.raises(ArtifactError, match="family 'sdxl', got one for 'sd1'"):
+        cn.check_fits(dataclasses.replace(model, family="sdxl"))
+    wider = dataclasses.replace(model, dims={**model.dims, "unet_block_channels": [320, 640, 1280, 1280]})
+    with pytest.raises(
+        ArtifactError,
+        match=r"unet_block_channels of the model is \[320, 640, 1280, 1280\], of the ControlNet \[32, 64\]",
+    ):
+        cn.check_fits(wider)
+    data = (out / "onnx" / "controlnet.onnx").read_bytes()
+    (out / "onnx" / "controlnet.onnx").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(ArtifactError, match="sha256"):
+        ControlNetManifest.load(out)
+    config = json.loads((folder / "config.json").read_text())
+    assert main(["export", "--controlnet", str(folder), "--model", "x", "--out", str(out)]) != 0
+    assert config["_class_name"] == "ControlNetModel"
