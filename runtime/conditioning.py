@@ -181,7 +181,15 @@ def _pil_to_nchw(images: list) -> np.ndarray:
 # ---- images and masks ----
 
 
-def preprocess_image(image, height: int | None = None, width: int | None = None, *, multiple: int = 8) -> np.ndarray:
+def preprocess_image(
+    image,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    multiple: int = 8,
+    normalize: bool = True,
+    what: str = "image",
+) -> np.ndarray:
     """An init image as ``VaeImageProcessor(vae_scale_factor=multiple).preprocess(image, height, width)``:
     float32 NCHW in [-1, 1].
 
@@ -190,15 +198,15 @@ def preprocess_image(image, height: int | None = None, width: int | None = None,
     and are rounded down to a multiple of ``multiple``. PIL images are resized with lanczos when their size differs
     (every image of a list to the same size, as in diffusers); NumPy arrays with torch's "nearest" rule, as diffusers
     resizes them. See the module docstring for the inputs diffusers mishandles and this function treats otherwise.
+    ``normalize=False``: in [0, 1], as diffusers' ControlNet pipelines take their control images.
     """
-    what = "image"
     multiple = _check_multiple(multiple)
     items = _items(image, what)
     if not isinstance(items[0], np.ndarray):
         rgb = [item if item.mode == "RGB" else item.convert("RGB") for item in items]
         h, w = _target_size((rgb[0].height, rgb[0].width), height, width, multiple, what)
         pixels = _pil_to_nchw([_resize_pil(item, h, w) for item in rgb])
-        return np.ascontiguousarray(2.0 * pixels - 1.0)
+        return np.ascontiguousarray(2.0 * pixels - 1.0 if normalize else pixels, dtype=np.float32)
     batches = []
     for array in items:
         if array.ndim not in (3, 4):
@@ -217,7 +225,7 @@ def preprocess_image(image, height: int | None = None, width: int | None = None,
     pixels = _float_pixels(nhwc, what, unit_range=True)
     pixels = _resize_nearest(pixels.transpose(0, 3, 1, 2), h, w)
     # in the array's own precision first (float16 stays half), as diffusers computes it
-    return np.ascontiguousarray(2.0 * pixels - 1.0, dtype=np.float32)
+    return np.ascontiguousarray(2.0 * pixels - 1.0 if normalize else pixels, dtype=np.float32)
 
 
 def preprocess_mask(mask, height: int, width: int, *, multiple: int = 8) -> np.ndarray:

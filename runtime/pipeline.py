@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.runtime import backends, conditioning, families, lora, schedulers, validation
-from sdrt.runtime.errors import InputError, NumericalError, SdrtError
+from sdrt.runtime import backends, conditioning, control, families, lora, schedulers, validation
+from sdrt.runtime.controlnet import ControlNetManifest
+from sdrt.runtime.errors import ArtifactError, InputError, NumericalError, SdrtError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Manifest
@@ -131,6 +132,7 @@ class _Job:
     callback: StepCallback | None
     t_start: float
     adapters: lora.AdapterSet = lora.BASE
+    control: control.Control | None = None  # ControlNet images, scales and windows
     timings: dict = field(default_factory=dict)
     sessions: dict | None = None  # the base's sessions, with the adapter set's for the components it changes
     cond: Conditioning | None = None
@@ -145,8 +147,10 @@ class _Job:
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys can share UNet calls: same latent size, steps, timesteps and adapter set."""
-        return (self.shape[2:], self.steps, np.asarray(self.run.timesteps[: self.steps]).tobytes(), self.adapters.key)
+        """Jobs with equal keys can share UNet calls: same latent size, steps, timesteps, adapter set, and UNet (the
+        one taking ControlNet residuals, or the plain one)."""
+        timesteps = np.asarray(self.run.timesteps[: self.steps]).tobytes()
+        return (self.shape[2:], self.steps, timesteps, self.adapters.key, self.control is not None)
 
 
 class StepTimes:
@@ -208,6 +212,7 @@ class Pipeline:
         self.adapters = lora.AdapterSessions(root, manifest, open_adapted or self._no_adapted, self.loras.limits)
         self._last_adapters: tuple = ()
         self.adapter_switches = 0
+        self.controlnets: list[Session] = []  # ControlNet sessions (Pipeline.load(controlnets=...)), in order
 
     def _no_adapted(self, component: str, weights) -> Session:
         raise InputError(
@@ -240,6 +245,7 @@ class Pipeline:
         components: tuple[str, ...] | list[str] | None = None,
         limits: Limits | None = None,
         lora_limits: lora.LoraLimits | None = None,
+        controlnets: Sequence[str | Path] | None = None,
     ) -> Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
         or an optimum ONNX export, on ``backend`` (see ``sdrt.runtime.backends``).
@@ -253,7 +259,9 @@ class Pipeline:
         hands latents to its refiner; a call that needs one not opened is refused, naming it. ``limits``:
         the most one call may ask for (images, steps, pixels; see ``sdrt.runtime.validation.Limits``).
         ``lora_limits``: adapters per call, file size, rank, and how many adapter sets keep their sessions
-        (``sdrt.runtime.lora.LoraLimits``)."""
+        (``sdrt.runtime.lora.LoraLimits``). ``controlnets``: ControlNet artifact directories (``sdrt export
+        --controlnet``), each checked to fit the model; the model's artifacts need ``unet_control`` (``sdrt export
+        --controlnet-unet``), which then runs instead of the UNet in calls with a ``control_image``."""
         t_start = t0 = time.perf_counter()
         root = Path(artifacts)
         record = backends.get(backend)
@@ -269,13 +277,27 @@ class Pipeline:
                 raise InputError(f"components: expected names from {', '.join(family)}, got {unknown}")
             names = tuple(c for c in names if c in components or c not in ("vae_decoder", "vae_encoder"))
         sessions: dict[str, Session] = {}
+        opened: list[Session] = []
         try:
             for name in names:
                 t0 = time.perf_counter()
                 sessions[name] = record.open(root, manifest, manifest.components[name], options)
                 timings[name] = time.perf_counter() - t0
+            for k, folder in enumerate(controlnets or ()):
+                t0 = time.perf_counter()
+                cn = ControlNetManifest.load(Path(folder), verify_hashes=verify_hashes)
+                cn.check_fits(manifest, where=f"controlnets[{k}] ({folder})")
+                if "unet_control" not in manifest.components:
+                    raise ArtifactError(
+                        f"controlnets: expected the model's UNet that takes ControlNet residuals (unet_control) in "
+                        f"{root}, found none (re-export the model with `sdrt export --controlnet-unet`)"
+                    )
+                if "unet_control" not in sessions:
+                    sessions["unet_control"] = record.open(root, manifest, manifest.components["unet_control"], options)
+                opened.append(record.open(Path(folder), manifest, cn.component, options))
+                timings[f"controlnet_{k}"] = time.perf_counter() - t0
         except BaseException:
-            for session in sessions.values():
+            for session in (*sessions.values(), *opened):
                 session.close()
             raise
 
@@ -283,6 +305,7 @@ class Pipeline:
             return record.open(root, manifest, manifest.components[name], dataclasses.replace(options, weights=weights))
 
         pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits, open_adapted, lora_limits)
+        pipe.controlnets = opened
         pipe.load_timings["total"] = time.perf_counter() - t_start
         return pipe
 
@@ -291,7 +314,7 @@ class Pipeline:
         return {name: self.manifest.components[name].precision for name in self.sessions}
 
     def close(self) -> None:
-        for session in self.sessions.values():
+        for session in (*self.sessions.values(), *self.controlnets):
             session.close()
 
     def __enter__(self) -> Pipeline:
@@ -328,6 +351,11 @@ class Pipeline:
         negative_aesthetic_score: float | None = None,
         callback: StepCallback | None = None,
         loras: Sequence[tuple[str | Path, float]] | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> GenerationResult:
         """Generate images; arguments as diffusers' pipelines for the model's family and the task.
 
@@ -351,6 +379,13 @@ class Pipeline:
         ``loras``: LoRA adapters for this call, ``[(registered name or path to a .safetensors file, scale),
         ...]``; empty or None is the base model. The first call with a set merges its weights and opens
         sessions for the components it changes; later calls with that set reuse them (see ``LoraLimits``).
+
+        ControlNet (a pipeline loaded with ``controlnets=``), as diffusers' ControlNet pipelines: ``control_image``
+        (one image per ControlNet, or a list; PIL, path or NumPy as ``image``; in [0, 1], resized to the output
+        size), ``controlnet_conditioning_scale`` (default as diffusers' pipeline for the task: 1.0, image-to-image
+        0.8, inpainting 0.5), ``control_guidance_start`` / ``control_guidance_end`` (each a
+        number or one per ControlNet) and ``guess_mode`` (the ControlNets see only the prompt's rows, their
+        residuals scaled from 0.1 at the first to 1 at the mid block).
 
         Every argument is checked before anything the size of an image is allocated: a bad one raises
         ``InputError`` naming it, a request beyond ``self.limits`` raises ``BudgetError``, and a component
@@ -421,6 +456,10 @@ class Pipeline:
         generator = make_generator(seed, a["rng"])
         job = _Job(request, run, n, seed, generator, latents, shape, a["output_type"], a["callback"], t_start)
         job.adapters = adapters
+        job.control = control.prepare(
+            len(self.controlnets), a, request.batch, request.images_per_prompt, request.guided, request.height,
+            request.width, self.dims.vae_scale_factor, request.task,
+        )  # fmt: skip
         return job
 
     def _execute(self, jobs: list[_Job]) -> list[GenerationResult | SdrtError]:
@@ -830,7 +869,9 @@ class Pipeline:
         that job's, unchanged."""
         if not jobs:
             return
-        unet, times, active = (jobs[0].sessions or self.sessions)["unet"], StepTimes(), list(jobs)
+        controlled = jobs[0].control is not None
+        unet = (jobs[0].sessions or self.sessions)["unet_control" if controlled else "unet"]
+        times, active = StepTimes(), list(jobs)
         steps = jobs[0].steps
         with ExitStack() as stack:
             for job in jobs:  # stochastic samplers' noise, drawn one step ahead from each job's generator
@@ -846,6 +887,9 @@ class Pipeline:
                     feed = active[0].cond.feed
                 t = np.full((x.shape[0],), active[0].run.timesteps[i], dtype=np.float32)
                 times.mark("prepare")
+                if controlled:
+                    feed = {**feed, **self._control_residuals(active, i)}
+                    times.mark("controlnet")
                 pred = unet.run({"sample": x, "timestep": t, **feed})["out_sample"]
                 times.mark("unet")
                 rows = np.cumsum([0] + [len(p) for p in parts])
@@ -877,6 +921,36 @@ class Pipeline:
             times.into(job.timings)
             if job.error is None:
                 job.out = job.x.astype(np.float32, copy=False)
+
+    def _control_residuals(self, jobs: list[_Job], i: int) -> dict[str, np.ndarray]:
+        """Each job's ControlNet residuals at step ``i`` (its own images, scales and window), joined in the UNet's
+        rows. ControlNets see the 4 latent channels, scaled for the step, also beside a 9-channel inpainting UNet."""
+        specs = families.control_residual_specs(self.dims)
+        names = [t.name for t in specs]
+        parts = []
+        for job in jobs:
+            once = job.run.scale_model_input(job.x, i)
+            rows = np.concatenate([once, once]) if job.request.guided else once
+            shapes = {t.name: families.sizes(self.dims, rows.shape[0], *rows.shape[2:]) for t in specs}
+            shapes = {t.name: tuple(shapes[t.name][d] if isinstance(d, str) else d for d in t.shape) for t in specs}
+            parts.append(
+                control.residuals(
+                    job.control,
+                    self.controlnets,
+                    names,
+                    rows,
+                    once,
+                    float(job.run.timesteps[i]),
+                    job.cond.feed,
+                    i,
+                    job.steps,
+                    job.request.guided,
+                    shapes,
+                )  # fmt: skip
+            )
+        if len(parts) == 1:
+            return parts[0]
+        return {n: np.concatenate([p[n] for p in parts]) for n in names}
 
     def _unet_rows(self, job: _Job, i: int) -> np.ndarray:
         """One job's UNet input rows at step ``i``: [unconditional, conditional] when guided; a 9-channel
