@@ -140,6 +140,32 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
         help="apply a LoRA adapter (.safetensors, diffusers/peft or kohya format) at SCALE (default 1); repeatable "
         "for several adapters. Applied at run time, without re-export (with --refiner: the base only)",
     )
+    control = p.add_argument_group("ControlNet (the model exported with --controlnet-unet)")
+    control.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a ControlNet directory (sdrt export --controlnet); repeatable, each with its --control-image",
+    )
+    control.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="the control image of each --controlnet, in order (resized to the output size)",
+    )
+    control.add_argument(
+        "--control-scale",
+        action="append",
+        default=[],
+        type=float,
+        metavar="S",
+        help="the conditioning scale of each --controlnet, in order (default: diffusers' for the task)",
+    )
+    control.add_argument("--guess-mode", action="store_true", help="ControlNets see the prompt's rows only")
     task = p.add_argument_group("image to image and inpainting")
     task.add_argument(
         "--image",
@@ -407,7 +433,17 @@ def _generate(args: argparse.Namespace) -> int:
     # The SDXL base of a handoff returns latents (no VAE decoder); the refiner takes latents (no encoder).
     encoder = ("vae_encoder",) if args.image is not None else ()
     base_parts = ("vae_decoder", *encoder) if handoff is None else encoder
-    with Pipeline.load(args.artifacts, components=base_parts, **load) as pipe:
+    if len(args.control_image) != len(args.controlnet) or len(args.control_scale) not in (0, len(args.controlnet)):
+        raise InputError(
+            f"--control-image/--control-scale: expected one per --controlnet ({len(args.controlnet)}), got "
+            f"{len(args.control_image)} images and {len(args.control_scale)} scales"
+        )
+    controls = {}
+    if args.controlnet:
+        controls = dict(control_image=[str(p) for p in args.control_image], guess_mode=args.guess_mode)
+        if args.control_scale:
+            controls["controlnet_conditioning_scale"] = args.control_scale
+    with Pipeline.load(args.artifacts, components=base_parts, controlnets=args.controlnet, **load) as pipe:
         load_s = time.perf_counter() - t0
         _check_model_options(args, pipe, refiner_family)
         task = "text-to-image" if args.image is None else "image-to-image" if args.mask is None else "inpainting"
@@ -426,6 +462,7 @@ def _generate(args: argparse.Namespace) -> int:
             output_type="uint8" if handoff is None else "latent",
             callback=StepProgress("denoising" if handoff is None else "base"),
             loras=[parse_cli_arg(item) for item in args.lora],
+            **controls,
         )
         stages.append(_Stage("" if handoff is None else "base", pipe, result, load_s, args.image is not None))
     if args.image is not None:
@@ -447,6 +484,8 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.denoising_end is not None:
         task += f", stopped at {args.denoising_end:g} of the schedule"
 
+    for folder in args.controlnet:
+        task += f", ControlNet {folder.name}"
     for applied in stages[0].result.loras:
         task += f", LoRA {applied['name']} x {applied['scale']:g}"
     paths = result.save(args.out)

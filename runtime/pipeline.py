@@ -293,7 +293,10 @@ class Pipeline:
                         f"{root}, found none (re-export the model with `sdrt export --controlnet-unet`)"
                     )
                 if "unet_control" not in sessions:
+                    t1 = time.perf_counter()
                     sessions["unet_control"] = record.open(root, manifest, manifest.components["unet_control"], options)
+                    timings["unet_control"] = time.perf_counter() - t1
+                    t0 += timings["unet_control"]
                 opened.append(record.open(Path(folder), manifest, cn.component, options))
                 timings[f"controlnet_{k}"] = time.perf_counter() - t0
         except BaseException:

@@ -160,3 +160,18 @@ def _without_control_unet(artifacts):
         del data["components"]["unet_control"]
         (copy / "manifest.json").write_text(json.dumps(data))
     return copy
+
+
+def test_sdrt_generate_runs_controlnets(setup, control_images, tmp_path):
+    from sdrt.runtime.cli import main
+
+    artifacts, dirs, _ = setup
+    control_images[0].save(tmp_path / "control.png")
+    args = ["generate", "--artifacts", str(artifacts), "--prompt", "a photo of a cat", "--steps", "3", "--height", "64",
+            "--width", "64", "--seed", "4", "--controlnet", str(dirs[0]), "--control-image", str(tmp_path / "control.png"),
+            "--control-scale", "0.7", "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert main(args) == 0
+    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
+        want = pipe(**CALL, seed=4, control_image=str(tmp_path / "control.png"), controlnet_conditioning_scale=0.7)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), want.images[0])
+    assert main([*args[:-2], "--control-scale", "0.5", "--out", str(tmp_path / "x.png")]) == 2  # two scales, one net
