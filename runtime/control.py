@@ -88,8 +88,13 @@ def prepare(
             )
         return None
     image = given["control_image"]
-    if image is None:
-        raise InputError(f"control_image: expected one image per ControlNet ({count}), got none")
+    if image is None:  # a call without control runs the model alone (the plain UNet), unless it asked for control
+        asked = [k for k, d in ARGUMENTS.items() if k != "control_image" and given[k] is not None and given[k] != d]
+        if asked:
+            raise InputError(
+                f"control_image: expected one image per ControlNet ({count}) with {', '.join(asked)}, got none"
+            )
+        return None
     images = [image] if count == 1 and not (isinstance(image, list) and len(image) == 1) else image
     if not isinstance(images, (list, tuple)) or len(images) != count:
         got = len(images) if isinstance(images, (list, tuple)) else 1

@@ -383,7 +383,8 @@ class Pipeline:
         ...]``; empty or None is the base model. The first call with a set merges its weights and opens
         sessions for the components it changes; later calls with that set reuse them (see ``LoraLimits``).
 
-        ControlNet (a pipeline loaded with ``controlnets=``), as diffusers' ControlNet pipelines: ``control_image``
+        ControlNet (a pipeline loaded with ``controlnets=``; a call without ``control_image`` runs the model alone,
+        on its plain UNet), as diffusers' ControlNet pipelines: ``control_image``
         (one image per ControlNet, or a list; PIL, path or NumPy as ``image``; in [0, 1], resized to the output
         size), ``controlnet_conditioning_scale`` (default as diffusers' pipeline for the task: 1.0, image-to-image
         0.8, inpainting 0.5), ``control_guidance_start`` / ``control_guidance_end`` (each a

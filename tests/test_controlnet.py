@@ -135,7 +135,7 @@ def test_controlnet_arguments_are_checked_before_any_work(setup, control_images,
         runtime_pipeline(**CALL, control_image=control_images[0])
     with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
         for kwargs, says in (
-            ({}, "control_image: expected one image per ControlNet"),
+            ({"guess_mode": True}, r"control_image: expected one image per ControlNet \(1\) with guess_mode"),
             ({"control_image": control_images}, r"expected 1 image or one per prompt \(1\), got 2"),  # a batch
             ({"control_image": control_images[0], "controlnet_conditioning_scale": float("nan")}, "finite"),
             ({"control_image": control_images[0], "controlnet_conditioning_scale": -1.0}, ">= 0"),
@@ -175,3 +175,21 @@ def test_sdrt_generate_runs_controlnets(setup, control_images, tmp_path):
         want = pipe(**CALL, seed=4, control_image=str(tmp_path / "control.png"), controlnet_conditioning_scale=0.7)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), want.images[0])
     assert main([*args[:-2], "--control-scale", "0.5", "--out", str(tmp_path / "x.png")]) == 2  # two scales, one net
+
+
+def test_run_batch_gives_each_controlled_call_its_own_image(setup, control_images):
+    """Calls with their own control images and scales share UNet steps, and a call without control runs apart
+    (another UNet): each result equals the call alone."""
+    artifacts, dirs, _ = setup
+    calls = [
+        dict(CALL, seed=1, control_image=control_images[0]),
+        dict(CALL, seed=2, control_image=control_images[1], controlnet_conditioning_scale=0.4),
+        dict(CALL, seed=3),
+        dict(CALL, seed=4, control_image=control_images[0], guess_mode=True),
+    ]
+    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
+        batched = pipe.run_batch(calls)
+        for call, result in zip(calls, batched):
+            assert not isinstance(result, Exception), result
+            np.testing.assert_array_equal(result.images, pipe(**call).images)
+    assert batched[0].timings.get("batch_size") == 3 and "batch_size" not in batched[2].timings
