@@ -70,6 +70,15 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         help="LoRA adapters to serve: every .safetensors file there, by its name without suffix; a request asks "
         'for them as "loras": [{"name": NAME, "scale": 0.8}] (never by path)',
     )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a ControlNet directory to serve (repeatable; the model exported with --controlnet-unet); requests "
+        'then may send "control_image" (base64), one per ControlNet, in this order',
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -84,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from sdrt.runtime import Pipeline
 
     config = ServeConfig(args.max_batch, args.batch_wait_ms, args.queue_size, args.timeout_s, args.max_body_mb)
-    with Pipeline.load(args.artifacts, backend=args.backend, threads=args.threads) as pipe:
+    with Pipeline.load(args.artifacts, backend=args.backend, threads=args.threads, controlnets=args.controlnet) as pipe:
         log.info("loaded %s on %s in %.2f s", args.artifacts, args.backend, pipe.load_timings["total"])
         register_loras(pipe, args.lora_dir)
         app = create_app(pipe, config)

@@ -55,6 +55,16 @@ class GenerationBody(BaseModel):
         description="LoRA adapters registered at start-up (sdrt serve --lora-dir): "
         '[{"name": "style", "scale": 0.8}, ...]; scale defaults to 1. Never a path',
     )
+    control_image: Any = Field(
+        None,
+        description="ControlNet (sdrt serve --controlnet): a base64 PNG or JPEG, or a list with one per ControlNet",
+    )
+    controlnet_conditioning_scale: Any = Field(
+        None, description="a number, or one per ControlNet (default: the task's)"
+    )
+    control_guidance_start: Any = Field(None, description="fraction of the schedule where control starts, [0, 1)")
+    control_guidance_end: Any = Field(None, description="fraction of the schedule where control ends, (0, 1]")
+    guess_mode: Any = Field(None, description="true: the ControlNets see the prompt only")
     response_format: Any = Field("b64_json", description="'b64_json' (JSON, default) or 'png' (one image's bytes)")
 
 
@@ -89,6 +99,14 @@ def to_call(body: GenerationBody) -> Call:
     for name in ("image", "mask_image"):
         if given.get(name) is not None:
             given[name] = decode_image(name, given[name])
+    control = given.get("control_image")
+    if isinstance(control, list):
+        given["control_image"] = [decode_image(f"control_image[{k}]", v) for k, v in enumerate(control)]
+    elif control is not None:
+        given["control_image"] = decode_image("control_image", control)
+    for name in ("control_guidance_start", "control_guidance_end", "guess_mode"):
+        if name in given and given[name] is None:  # JSON null: the runtime's default
+            del given[name]
     images = _count_images(given)
     if response_format == "png" and images != 1:
         raise InputError(

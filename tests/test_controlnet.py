@@ -193,3 +193,21 @@ def test_run_batch_gives_each_controlled_call_its_own_image(setup, control_image
             assert not isinstance(result, Exception), result
             np.testing.assert_array_equal(result.images, pipe(**call).images)
     assert batched[0].timings.get("batch_size") == 3 and "batch_size" not in batched[2].timings
+
+
+def test_sdrt_serve_takes_control_images(setup, control_images):
+    pytest.importorskip("fastapi")
+    from test_serve import b64, decode, png, post, serving
+
+    artifacts, dirs, _ = setup
+    pixels = np.asarray(control_images[0])
+    body = dict(CALL, seed=6, control_image=b64(png(pixels)), controlnet_conditioning_scale=0.6)
+    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe, serving(pipe) as (client, _, _):
+        r = post(client, body)
+        assert r.status_code == 200, r.text
+        want = pipe(**CALL, seed=6, control_image=Image.fromarray(pixels), controlnet_conditioning_scale=0.6).images[0]
+        np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), want)
+        r = post(client, {**body, "control_image": [b64(png(pixels))] * 2})  # two images, one ControlNet: a batch
+        assert r.status_code == 400 and "control_image" in r.json()["error"]["message"], r.text
+        r = post(client, {**body, "control_image": "not base64!"})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("control_image: expected a base64")
