@@ -16,6 +16,10 @@ from PIL import Image
 from sdrt.runtime import Pipeline
 from sdrt.runtime.errors import ArtifactError, InputError
 
+# The module's exports (unet_control, two ControlNets) cost ~50 s of the default suite's budget: `make test-slow`
+# until they share the session's export (issue 19 is open).
+pytestmark = pytest.mark.slow
+
 CALL = dict(prompt="a photo of a cat", num_inference_steps=3, height=64, width=64)
 
 

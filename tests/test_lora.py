@@ -162,6 +162,7 @@ def test_sdxl_lora_on_both_text_encoders_matches_diffusers(family_artifacts, fam
         np.testing.assert_array_equal(p(**CALL, latents=latents, loras=[(str(sgm), 0.9)]).images, got.images)
 
 
+@pytest.mark.slow  # its own export (~30 s): the default suite stays in its time budget
 def test_fused_export_matches_diffusers(tiny_model, files, diffusers_pipeline, latents, tmp_path):
     from sdrt.export.build import ExportOptions, export_pipeline
 
