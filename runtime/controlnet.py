@@ -16,7 +16,14 @@ from pathlib import Path
 
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.hashing import VerifiedFiles
-from sdrt.runtime.manifest import Component, Manifest, check_external_data, check_file, check_inside
+from sdrt.runtime.manifest import (
+    Component,
+    Manifest,
+    check_external_data,
+    check_file,
+    check_inside,
+    read_versioned_json,
+)
 
 CONTROLNET_MANIFEST = "controlnet.json"
 CONTROLNET_SCHEMA = 1
@@ -58,13 +65,7 @@ class ControlNetManifest:
                 f"controlnet: expected {path}, found none (export the ControlNet with `sdrt export --controlnet "
                 "FOLDER --out DIR`)"
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{path}: expected JSON, got a parse error: {e}") from e
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        if version != CONTROLNET_SCHEMA:
-            raise ArtifactError(f"{path}: expected schema_version {CONTROLNET_SCHEMA}, got {version!r} (re-export)")
+        data = read_versioned_json(path, CONTROLNET_SCHEMA)
         try:
             manifest = cls(**{**data, "component": Component.from_dict(data["component"])})
         except (KeyError, TypeError) as e:

@@ -169,15 +169,7 @@ class Manifest:
                 f"artifacts: expected {path} (or an optimum ONNX export folder), found neither "
                 "(build it with `make engines` or `sdrt export`)"
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{path}: expected JSON, got a parse error: {e}") from e
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        if version != SCHEMA_VERSION:
-            raise ArtifactError(
-                f"{path}: expected schema_version {SCHEMA_VERSION}, got {version!r} (re-export with this sdrt)"
-            )
+        data = read_versioned_json(path, SCHEMA_VERSION)
         try:
             manifest = cls.from_dict(data)
         except (KeyError, TypeError) as e:
@@ -208,6 +200,18 @@ class Manifest:
             verified.save()
         for component in self.components.values():
             check_external_data(root / component.path, root, listed={f.path for f in component.files})
+
+
+def read_versioned_json(path: Path, version: int) -> dict:
+    """The JSON object in ``path`` (a manifest) when its ``schema_version`` is ``version``; ArtifactError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: expected JSON, got a parse error: {e}") from e
+    got = data.get("schema_version") if isinstance(data, dict) else None
+    if got != version:
+        raise ArtifactError(f"{path}: expected schema_version {version}, got {got!r} (re-export with this sdrt)")
+    return data
 
 
 # An absolute Windows path (C:\... or C:/...): refused on every platform, as artifacts travel.
