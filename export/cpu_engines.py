@@ -124,12 +124,9 @@ def build_one(
                 )
             else:
                 source_name = fused.name
-                for f in (source_name, source_name + ".data"):
-                    (work / f).replace(folder / f)
-                source_bytes = engine_bytes(folder / source_name)
-                log.info("    kept the fused graph for LoRA adapters (%.0f MB)", source_bytes / 1e6)
-        for f in work.glob("*.lora.onnx*"):
-            f.unlink()
+        if not source_name:  # not kept: its disk goes back before the check
+            for f in work.glob("*.lora.onnx*"):
+                f.unlink()
         t0 = time.perf_counter()
         verification = verify_engine(root, manifest, component, work / name, threads)
         log.info(
@@ -140,6 +137,16 @@ def build_one(
         )
         for f in (name, f"{name}.data"):
             (work / f).replace(folder / f)
+        # The fused graph for adapters goes in only beside a checked engine; a rebuild that keeps none removes the
+        # one an earlier build kept (--no-lora-graphs is there to give that disk back).
+        for f in (f"{component.name}.lora.onnx", f"{component.name}.lora.onnx.data"):
+            if source_name:
+                (work / f).replace(folder / f)
+            else:
+                (folder / f).unlink(missing_ok=True)
+        if source_name:
+            source_bytes = engine_bytes(folder / source_name)
+            log.info("    kept the fused graph for LoRA adapters (%.0f MB)", source_bytes / 1e6)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         release_memory()

@@ -152,3 +152,18 @@ def test_lora_sessions_start_from_the_engines_fused_graph(engine_artifacts, diff
         assert adapted[name].engine.name == f"{name}.lora.onnx" and adapted[name].disabled_optimizers == []
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     assert np.abs(want.astype(int) - base.astype(int)).mean() > 5  # the adapter moved the image
+
+
+def test_a_build_without_lora_graphs_removes_the_kept_one(engine_artifacts):
+    """`sdrt engines --no-lora-graphs` gives the disk back: the rebuilt engine's record keeps no fused graph and its
+    files are gone; asking again keeps it again."""
+    from sdrt.export.cpu_engines import build_cpu_engines
+
+    folder = engine_folder(engine_artifacts)
+    graph = folder / "text_encoder.lora.onnx"
+    assert graph.is_file() and graph.with_name(graph.name + ".data").is_file()
+    report = build_cpu_engines(engine_artifacts, ("text_encoder",), threads=2, lora_sources=False)
+    assert report.reasons == {"text_encoder": "a graph for LoRA adapters no longer asked for"}
+    assert read_records(folder)["text_encoder"].lora_source == "" and not list(folder.glob("text_encoder.lora.*"))
+    build_cpu_engines(engine_artifacts, ("text_encoder",), threads=2)
+    assert read_records(folder)["text_encoder"].lora_source == graph.name and graph.is_file()
