@@ -15,15 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdrt.runtime.errors import ArtifactError
-from sdrt.runtime.hashing import VerifiedFiles
-from sdrt.runtime.manifest import (
-    Component,
-    Manifest,
-    check_external_data,
-    check_file,
-    check_inside,
-    read_versioned_json,
-)
+from sdrt.runtime.manifest import Component, Manifest, check_component_files, read_versioned_json
+
+VERIFIED_NAME = "verified-files.json"  # stamps of files whose sha256 matched (see sdrt.runtime.hashing)
 
 CONTROLNET_MANIFEST = "controlnet.json"
 CONTROLNET_SCHEMA = 1
@@ -70,13 +64,8 @@ class ControlNetManifest:
             manifest = cls(**{**data, "component": Component.from_dict(data["component"])})
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: malformed ControlNet manifest ({e}); re-export with this sdrt") from e
-        verified = VerifiedFiles(root / "verified-files.json") if verify_hashes else None
-        for record in manifest.component.files:
-            check_inside(root, record.path, "file listed in controlnet.json")
-            check_file(root, record, verify_hashes, verified)
-        if verified is not None:
-            verified.save()
-        check_external_data(root / manifest.component.path, root, listed={f.path for f in manifest.component.files})
+        component = manifest.component
+        check_component_files(root, [component], component.files, verify_hashes, CONTROLNET_MANIFEST, VERIFIED_NAME)
         return manifest
 
     def check_fits(self, model: Manifest, where: str = "controlnet") -> None:

@@ -188,18 +188,33 @@ class Manifest:
         Then, whatever ``verify_hashes`` says, every graph's external data must be files inside
         ``root`` that the manifest lists for that component (see :func:`check_external_data`)."""
         root = Path(root)
-        for record in self.all_files():
-            check_inside(root, record.path, "file listed in the manifest")
         for info in self.tokenizers.values():
             check_inside(root, info.path, "tokenizer folder")
         check_inside(root, self.scheduler_config, "scheduler config")
-        verified = VerifiedFiles(root / VERIFIED_NAME) if verify_hashes else None
-        for record in self.all_files():
-            check_file(root, record, verify_hashes, verified)
-        if verified is not None:
-            verified.save()
-        for component in self.components.values():
-            check_external_data(root / component.path, root, listed={f.path for f in component.files})
+        check_component_files(root, list(self.components.values()), self.all_files(), verify_hashes, "the manifest")
+
+
+def check_component_files(
+    root: Path,
+    components: list[Component],
+    records: list[FileRecord],
+    verify_hashes: bool = True,
+    listed_in: str = "the manifest",
+    verified_at: str = VERIFIED_NAME,
+) -> None:
+    """Every file of ``records`` (the components' files, and whatever else the manifest lists) inside ``root``, of
+    its size and, with ``verify_hashes``, its sha256 (recomputed only for files changed since they last matched,
+    stamps kept at ``root / verified_at``); then every component graph's external data inside ``root`` and listed
+    for that component."""
+    for record in records:
+        check_inside(root, record.path, f"file listed in {listed_in}")
+    verified = VerifiedFiles(root / verified_at) if verify_hashes else None
+    for record in records:
+        check_file(root, record, verify_hashes, verified)
+    if verified is not None:
+        verified.save()
+    for component in components:
+        check_external_data(root / component.path, root, listed={f.path for f in component.files})
 
 
 def read_versioned_json(path: Path, version: int) -> dict:
