@@ -144,7 +144,7 @@ def prepare(
 def residuals(
     control: Control,
     controlnets: list,
-    names: list[str],
+    specs: tuple,
     latents_rows: np.ndarray,
     latents_conditional: np.ndarray,
     timestep: float,
@@ -152,11 +152,13 @@ def residuals(
     i: int,
     steps: int,
     guided: bool,
-    shapes: dict[str, tuple[int, ...]],
-) -> dict[str, np.ndarray]:
-    """The summed, scaled residuals of every ControlNet at step ``i``, in the UNet's rows. ``latents_rows``: the
-    UNet's (scaled) latent rows; ``latents_conditional``: the scaled latents once (guess mode's input); ``feed``:
-    the UNet's text feed in its rows; ``shapes``: each residual's shape in those rows."""
+) -> dict[str, np.ndarray] | None:
+    """The summed, scaled residuals of every ControlNet at step ``i``, in the UNet's rows, or None when every
+    ControlNet is outside its window (their residuals all count zero). ``specs``: the residuals'
+    tensor specs (``families.control_residual_specs``); ``latents_rows``: the UNet's (scaled) latent rows;
+    ``latents_conditional``: the scaled latents once (guess mode's input); ``feed``: the UNet's text feed in its
+    rows."""
+    names = [t.name for t in specs]
     guess_half = control.guess_mode and guided
     x = latents_conditional if guess_half else latents_rows
     text = {k: (np.split(v, 2)[1] if guess_half else v) for k, v in feed.items() if k != "timestep_cond"}
@@ -176,6 +178,4 @@ def residuals(
         if guess_half:  # the unconditional rows get none
             res = [np.concatenate([np.zeros_like(r), r]) for r in res]
         total = res if total is None else [a + b for a, b in zip(total, res)]
-    if total is None:  # every ControlNet outside its window: zero residuals, as diffusers' times-zero ones
-        total = [np.zeros(shapes[n], np.float32) for n in names]
-    return dict(zip(names, total))
+    return None if total is None else dict(zip(names, total))  # None: every ControlNet outside its window

@@ -213,6 +213,7 @@ class Pipeline:
         self._last_adapters: tuple = ()
         self.adapter_switches = 0
         self.controlnets: list[Session] = []  # ControlNet sessions (Pipeline.load(controlnets=...)), in order
+        self.control_specs: tuple = ()  # the residuals they hand unet_control (families.control_residual_specs)
 
     def _no_adapted(self, component: str, weights) -> Session:
         raise InputError(
@@ -309,6 +310,8 @@ class Pipeline:
 
         pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits, open_adapted, lora_limits)
         pipe.controlnets = opened
+        if opened:
+            pipe.control_specs = families.control_residual_specs(manifest.model_dims)
         pipe.load_timings["total"] = time.perf_counter() - t_start
         return pipe
 
@@ -892,7 +895,7 @@ class Pipeline:
                 t = np.full((x.shape[0],), active[0].run.timesteps[i], dtype=np.float32)
                 times.mark("prepare")
                 if controlled:
-                    feed = {**feed, **self._control_residuals(active, i)}
+                    feed = {**feed, **self._control_residuals(active, parts, i)}
                     times.mark("controlnet")
                 pred = unet.run({"sample": x, "timestep": t, **feed})["out_sample"]
                 times.mark("unet")
@@ -926,35 +929,29 @@ class Pipeline:
             if job.error is None:
                 job.out = job.x.astype(np.float32, copy=False)
 
-    def _control_residuals(self, jobs: list[_Job], i: int) -> dict[str, np.ndarray]:
+    def _control_residuals(self, jobs: list[_Job], parts: list[np.ndarray], i: int) -> dict[str, np.ndarray]:
         """Each job's ControlNet residuals at step ``i`` (its own images, scales and window), joined in the UNet's
-        rows. ControlNets see the 4 latent channels, scaled for the step, also beside a 9-channel inpainting UNet."""
-        specs = families.control_residual_specs(self.dims)
-        names = [t.name for t in specs]
-        parts = []
-        for job in jobs:
-            once = job.run.scale_model_input(job.x, i)
-            rows = np.concatenate([once, once]) if job.request.guided else once
-            shapes = {t.name: families.sizes(self.dims, rows.shape[0], *rows.shape[2:]) for t in specs}
-            shapes = {t.name: tuple(shapes[t.name][d] if isinstance(d, str) else d for d in t.shape) for t in specs}
-            parts.append(
-                control.residuals(
-                    job.control,
-                    self.controlnets,
-                    names,
-                    rows,
-                    once,
-                    float(job.run.timesteps[i]),
-                    job.cond.feed,
-                    i,
-                    job.steps,
-                    job.request.guided,
-                    shapes,
-                )  # fmt: skip
-            )
-        if len(parts) == 1:
-            return parts[0]
-        return {n: np.concatenate([p[n] for p in parts]) for n in names}
+        rows. ``parts``: each job's UNet rows this step; the ControlNets see their four latent channels (a 9-channel
+        inpainting UNet's mask and masked image left out), already scaled for the step."""
+        c = self.dims.latent_channels
+        residuals = []
+        for job, part in zip(jobs, parts):
+            rows = part if part.shape[1] == c else np.ascontiguousarray(part[:, :c])
+            once = rows[rows.shape[0] // 2 :] if job.request.guided else rows  # guided rows: the latents twice
+            summed = control.residuals(
+                job.control, self.controlnets, self.control_specs, rows, once, float(job.run.timesteps[i]),
+                job.cond.feed, i, job.steps, job.request.guided,
+            )  # fmt: skip
+            if summed is None:  # outside every window: zeros, as diffusers' residuals times a zero scale
+                values = families.sizes(self.dims, rows.shape[0], *rows.shape[2:])
+                shapes = {
+                    t.name: tuple(values[d] if isinstance(d, str) else d for d in t.shape) for t in self.control_specs
+                }
+                summed = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+            residuals.append(summed)
+        if len(residuals) == 1:
+            return residuals[0]
+        return {t.name: np.concatenate([r[t.name] for r in residuals]) for t in self.control_specs}
 
     def _unet_rows(self, job: _Job, i: int) -> np.ndarray:
         """One job's UNet input rows at step ``i``: [unconditional, conditional] when guided; a 9-channel
