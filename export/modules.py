@@ -140,6 +140,11 @@ def _named_inputs(cls: type, names: list[str]) -> type:
     return type(cls.__name__, (cls,), {"forward": forward, "input_names": tuple(names)})
 
 
+def _added_conditions(given: dict) -> dict | None:
+    """SDXL's pooled text and time ids, as diffusers' ``added_cond_kwargs`` (None for SD 1.x/2.x inputs)."""
+    return {"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]} if "text_embeds" in given else None
+
+
 class UNetControl(UNet):
     """The UNet's inputs, then ControlNet's residuals (the down blocks' in order, the mid block's last) -> noise
     prediction, as diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual``."""
@@ -154,9 +159,7 @@ class UNetControl(UNet):
             given["timestep"],
             given["encoder_hidden_states"],
             timestep_cond=given.get("timestep_cond"),
-            added_cond_kwargs={"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]}
-            if "text_embeds" in given
-            else None,
+            added_cond_kwargs=_added_conditions(given),
             down_block_additional_residuals=residuals[:-1],
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
@@ -181,9 +184,7 @@ class ControlNet(torch.nn.Module):
             given["encoder_hidden_states"],
             controlnet_cond=given["controlnet_cond"],
             conditioning_scale=1.0,
-            added_cond_kwargs={"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]}
-            if "text_embeds" in given
-            else None,
+            added_cond_kwargs=_added_conditions(given),
             return_dict=False,
         )
         return (*down, mid)
