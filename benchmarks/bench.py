@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -437,6 +437,8 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
             f"baseline: expected the diffusers folder the artifacts were exported from at {source}, found none "
             "(pass --no-baseline, or re-export from a local folder)"
         )
+    # Each LoRA file read and hashed once per run, before any worker starts (an unreadable one stops the run).
+    loras = {path: _describe_lora(path) for path, _ in config.loras}
     threads = config.threads or len(os.sched_getaffinity(0))
     variants, unsupported = plan(config)
     for variant, reason in unsupported:
@@ -447,7 +449,7 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     gpu = next((v.backend for v in variants if backends.get(v.backend).device == "gpu"), None)
     if gpu is None and config.baseline and config.baseline_device != "cpu":
         gpu = "tensorrt"  # the GPU the baseline runs on names the file (CUDA device 0, as for the backends)
-    context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"))
+    context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"), loras)
     ours: dict[Variant, Worker] = {}
     baselines: list[Worker] = []
     try:
@@ -500,6 +502,7 @@ class Context:
     machine: dict
     threads: int
     device: dict  # the machine's: its GPU when a GPU backend is measured; names the results file
+    loras: dict = field(default_factory=dict)  # LoRA file path -> what the rows say of it (_describe_lora)
 
     def flops_graph(self) -> Path:
         """The UNet graph FLOPs are counted on: an fp32 one when measured (every variant is the same
@@ -621,20 +624,20 @@ def _sdrt_fields(ctx: Context, variant: Variant, worker: Worker) -> dict:
     if variant.lora_mode:
         fields["lora"] = {
             "mode": variant.lora_mode,
-            "sets": [[_describe_lora(path, scale) for path, scale in one] for one in variant.lora_sets],
+            "sets": [[ctx.loras[path] | {"scale": scale} for path, scale in one] for one in variant.lora_sets],
             "first_use_s": worker.last_reply.get("lora_first_use_s"),
             "cache": worker.last_reply.get("lora_stats"),
         }
     return fields
 
 
-def _describe_lora(path: str, scale: float) -> dict:
+def _describe_lora(path: str) -> dict:
     from sdrt.runtime.lora import load_file
 
     f = load_file(path)
     ranks = sorted({layer.rank for layers in f.layers.values() for layer in layers.values()})
-    return {"name": f.name, "sha256": f.sha256, "scale": scale, "format": f.format, "modules": f.modules,
-            "ranks": ranks, "bytes": f.bytes}  # fmt: skip
+    return {"name": f.name, "sha256": f.sha256, "format": f.format, "modules": f.modules, "ranks": ranks,
+            "bytes": f.bytes}  # fmt: skip
 
 
 def precision_label(graph: str, compute: str) -> str:

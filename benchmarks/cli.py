@@ -211,7 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_loras(args: argparse.Namespace, artifacts: Path) -> tuple[tuple[str, float], ...]:
     """--loras as (path, scale) pairs, after the --random-loras files written for ``artifacts``."""
-    from sdrt.runtime.lora import load_file, parse_cli_arg
+    from sdrt.runtime.lora import parse_cli_arg
 
     loras = [parse_cli_arg(item) for item in args.loras]
     if args.random_loras < 0:
@@ -224,9 +224,7 @@ def _bench_loras(args: argparse.Namespace, artifacts: Path) -> tuple[tuple[str, 
             write_random_lora(artifacts, out, rank=args.lora_rank, seed=i, modules=args.lora_modules)
             print(f"wrote {out} (random factors, rank {args.lora_rank}, {args.lora_modules} layers)")
             loras.append((str(out), 1.0))
-    for path, _ in loras:
-        load_file(path)  # a file that cannot be read stops the bench before any worker starts
-    return tuple(loras)
+    return tuple(loras)  # run_benchmark reads each file before any worker starts
 
 
 def _ensure_random_sd15(artifacts: Path) -> None:
