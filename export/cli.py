@@ -153,7 +153,7 @@ def register_random_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "random-model",
         help="build a random-weight SD pipeline folder (the tiny default model, tiny SDXL/LCM/inpaint/turbo "
-        "variants, a tiny TAESD, or SD 1.5-shaped)",
+        "variants, a tiny TAESD, ControlNets, or SD 1.5-shaped)",
         description=(
             "Write a random-weight Stable Diffusion pipeline (diffusers folder) built locally from known configs "
             "with a fixed seed, with CLIP's real BPE tokenizer taken from the open_clip_torch package. "
@@ -162,7 +162,9 @@ def register_random_model(sub: argparse._SubParsersAction) -> None:
             "text_time micro-conditioning), 'tiny-sdxl-refiner' (text_encoder_2 only, aesthetic score), "
             "'tiny-sd-inpaint' (9-channel UNet), 'tiny-lcm' (guidance-embedding UNet, LCM scheduler), "
             "'tiny-sd-turbo' (tiny with Euler ancestral, trailing spacing); 'tiny-taesd' is a lone "
-            "AutoencoderTiny folder that stands in for the VAE of tiny and tiny-sdxl."
+            "AutoencoderTiny folder that stands in for the VAE of tiny and tiny-sdxl; 'tiny-controlnet', "
+            "'tiny-sdxl-controlnet' and 'sd15-controlnet' are lone ControlNetModel folders for tiny, tiny-sdxl and "
+            "sd15 (sdrt export --controlnet)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

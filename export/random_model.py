@@ -33,6 +33,12 @@ real architectures with random weights. Each preset is written by the diffusers 
           4 latent channels) that stands in for the VAE of ``tiny`` and of ``tiny-sdxl`` alike, as
           TAESD and TAESDXL do.
 
+``tiny-controlnet``, ``tiny-sdxl-controlnet``, ``sd15-controlnet``  not pipelines: a ``ControlNetModel`` folder
+          for ``tiny``, ``tiny-sdxl`` and ``sd15``, made as real ControlNets start (``ControlNetModel.from_unet`` of
+          a UNet of that config, seed + 2) except that the convolutions diffusers starts at zero (the residual
+          outputs and the conditioning embedding's last layer) get random weights (std 2 / sqrt(fan-in)): with
+          zeros the residuals would be zero and the control image would change nothing.
+
 ``taesd``  TAESD's published ``AutoencoderTiny`` architecture (64-channel stages), for full-size
           measurements beside ``sd15``: ``sdrt export --model models/sd15-random --vae models/taesd``.
 
@@ -154,6 +160,19 @@ TINY_PARTS = {
 }
 
 
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
 def _autoencoder_tiny(channels: int, encoder_blocks: tuple, decoder_blocks: tuple) -> Preset:
     """A lone AutoencoderTiny folder (no pipeline): four stages of ``channels``, scale factor 8, 4 latent channels."""
     config = dict(
@@ -173,25 +192,7 @@ PRESETS: dict[str, Preset] = {
     "sd15": Preset(
         "StableDiffusionPipeline",
         {
-            "unet": Part(
-                "UNet2DConditionModel",
-                dict(
-                    sample_size=64,
-                    in_channels=4,
-                    out_channels=4,
-                    down_block_types=(
-                        "CrossAttnDownBlock2D",
-                        "CrossAttnDownBlock2D",
-                        "CrossAttnDownBlock2D",
-                        "DownBlock2D",
-                    ),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                    block_out_channels=(320, 640, 1280, 1280),
-                    layers_per_block=2,
-                    cross_attention_dim=768,
-                    attention_head_dim=8,
-                ),
-            ),
+            "unet": Part("UNet2DConditionModel", SD15_UNET),
             "vae": Part(
                 "AutoencoderKL",
                 dict(
@@ -290,7 +291,10 @@ PRESETS: dict[str, Preset] = {
         {"tokenizer": EOS},
         SD_OPTIONS,
     ),
+    "tiny-controlnet": Preset(None, {"controlnet": Part("ControlNetModel", TINY_UNET, seed_offset=2)}),
+    "tiny-sdxl-controlnet": Preset(None, {"controlnet": Part("ControlNetModel", TINY_SDXL_UNET, seed_offset=2)}),
     "tiny-taesd": _autoencoder_tiny(channels=32, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
+    "sd15-controlnet": Preset(None, {"controlnet": Part("ControlNetModel", SD15_UNET, seed_offset=2)}),
     # TAESD's published architecture (diffusers' AutoencoderTiny defaults, as madebyollin/taesd ships it):
     # four 64-channel stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks, ~2.4 M parameters.
     "taesd": _autoencoder_tiny(channels=64, encoder_blocks=(1, 3, 3, 3), decoder_blocks=(3, 3, 3, 1)),
@@ -312,13 +316,31 @@ def build_part(part: Part, seed: int = SEED):
     torch.manual_seed(seed + part.seed_offset)
     if part.cls in CLIP_TEXT_CLASSES:
         return getattr(transformers, part.cls)(transformers.CLIPTextConfig(**part.config))
+    if part.cls == "ControlNetModel":  # config: the UNet's
+        return _controlnet(diffusers.UNet2DConditionModel(**part.config))
     return getattr(diffusers, part.cls)(**part.config)
+
+
+def _controlnet(unet):
+    """``ControlNetModel.from_unet(unet)`` with its zero-initialized convolutions given random normal weights of
+    standard deviation 2 / sqrt(fan-in) (from the global torch generator; biases stay zero), so that its residuals
+    depend on the control image and move the image by several levels."""
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet)
+    zeros = (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+             controlnet.controlnet_cond_embedding.conv_out)  # fmt: skip
+    with torch.no_grad():
+        for conv in zeros:
+            torch.nn.init.normal_(conv.weight, std=2 / conv.weight[0].numel() ** 0.5)
+    return controlnet.eval()
 
 
 def build_pipeline(preset: str = "tiny", seed: int = SEED) -> dict:
     """The preset's constructor arguments, tokenizers aside: its parts as diffusers/transformers objects
     (weights drawn from ``torch.manual_seed(seed + offset)`` per part), its scheduler and its options.
-    For a lone model preset (``tiny-taesd``), ``{"vae": model}``."""
+    For a lone model preset (``tiny-taesd``, ``tiny-controlnet``), its one part: ``{"vae": model}``."""
     import diffusers
 
     spec = _preset(preset)

@@ -389,7 +389,8 @@ class Pipeline:
         ControlNet (a pipeline loaded with ``controlnets=``; a call without ``control_image`` runs the model alone,
         on its plain UNet), as diffusers' ControlNet pipelines: ``control_image``
         (one image per ControlNet, or a list; PIL, path or NumPy as ``image``; in [0, 1], resized to the output
-        size), ``controlnet_conditioning_scale`` (default as diffusers' pipeline for the task: 1.0, image-to-image
+        size; without ``height``/``width`` the output takes the first control image's size, rounded down to the
+        VAE's scale factor), ``controlnet_conditioning_scale`` (default as diffusers' pipeline for the task: 1.0, image-to-image
         0.8, inpainting 0.5), ``control_guidance_start`` / ``control_guidance_end`` (each a
         number or one per ControlNet) and ``guess_mode`` (the ControlNets see only the prompt's rows, their
         residuals scaled from 0.1 at the first to 1 at the mid block).
@@ -444,8 +445,16 @@ class Pipeline:
             steps, guidance, a["num_images_per_prompt"], a["seed"], a["eta"], a["scheduler"], a["rng"],
             a["output_type"], a["callback"], micro,
         )  # fmt: skip
+        height, width = a["height"], a["width"]
+        if self.controlnets and a["control_image"] is not None and (height is None or width is None):
+            # as diffusers' ControlNet pipelines: the output (and an image to repaint) takes the control image's
+            # size, rounded down to the VAE's scale factor
+            own = _own_size(a["control_image"], self.dims.vae_scale_factor)
+            if own is not None:
+                f = self.dims.vae_scale_factor
+                height, width = height or max(f, own[0] - own[0] % f), width or max(f, own[1] - own[1] % f)
         request = self._request(
-            a["prompt"], a["negative_prompt"], a["image"], a["mask_image"], a["strength"], a["height"], a["width"],
+            a["prompt"], a["negative_prompt"], a["image"], a["mask_image"], a["strength"], height, width,
             guidance, a["num_images_per_prompt"], a["denoising_start"], a["denoising_end"], micro,
         )  # fmt: skip
         name = a["scheduler"]

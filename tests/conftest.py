@@ -154,3 +154,36 @@ def family_artifacts(tmp_path_factory, family_models, tiny_artifacts):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def controlnet_artifacts(tmp_path_factory, family_models, family_artifacts):
+    """``controlnet_artifacts(preset)`` -> (artifacts, controlnet folder, controlnet artifacts), once per session:
+    the preset's artifacts ("tiny" or "tiny-sdxl") with ``unet_control`` added as ``sdrt export --controlnet-unet``
+    writes it (checked against PyTorch), and the random-weight ControlNet preset for them (``<preset>-controlnet``)
+    exported by ``sdrt export --controlnet --base``."""
+    from sdrt.export.build import ExportOptions, _export_component
+    from sdrt.export.modules import load_pipeline
+    from sdrt.export.random_model import write_random_model
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.manifest import Manifest
+
+    built = {}
+    root = tmp_path_factory.mktemp("controlnet")
+
+    def get(preset: str) -> tuple[Path, Path, Path]:
+        if preset not in built:
+            artifacts = root / preset
+            shutil.copytree(family_artifacts(preset), artifacts, ignore=shutil.ignore_patterns("engines"))
+            manifest = Manifest.load(artifacts)  # one more component; the others' exports are shared
+            manifest.components["unet_control"] = _export_component(
+                load_pipeline(family_models(preset)), "unet_control", artifacts, ExportOptions()
+            )
+            manifest.save(artifacts)
+            folder = write_random_model(root / f"{preset}-controlnet-folder", f"{preset}-controlnet")
+            out = root / f"{preset}-controlnet"
+            assert main(["export", "--controlnet", str(folder), "--base", str(artifacts), "--out", str(out)]) == 0
+            built[preset] = artifacts, folder, out
+        return built[preset]
+
+    return get

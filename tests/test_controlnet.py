@@ -1,8 +1,11 @@
-"""ControlNet in the runtime against diffusers' ControlNet pipelines (same latents, fp32, within 1/255): one
-ControlNet with a scale and a window of the schedule, two with their own scales, guess mode, image-to-image.
+"""ControlNet in the runtime against diffusers' ControlNet pipelines (same latents or seed, fp32, within 1/255): one
+ControlNet with a scale and a window of the schedule, two with their own images and scales, guess mode,
+image-to-image, inpainting, an SDXL ControlNet, and the output size taken from the control image.
 
-The ControlNets are diffusers' ``ControlNetModel.from_unet`` of the tiny model; their zero-initialized output
-convolutions get seeded weights, so a missing control path moves pixels by many levels."""
+The ControlNets are the random-weight presets (``ControlNetModel.from_unet`` of the tiny UNets, their zero-initialized
+convolutions given random weights), exported once per session beside ``unet_control`` (conftest's
+``controlnet_artifacts``). Each case also checks that the ControlNet moved the image by several levels from the
+model alone, so a missing control path cannot pass."""
 
 from __future__ import annotations
 
@@ -16,59 +19,43 @@ from PIL import Image
 from sdrt.runtime import Pipeline
 from sdrt.runtime.errors import ArtifactError, InputError
 
-# The module's exports (unet_control, two ControlNets) cost ~50 s of the default suite's budget: `make test-slow`
-# until they share the session's export (issue 19 is open).
-pytestmark = pytest.mark.slow
+torch.set_num_threads(2)
 
 CALL = dict(prompt="a photo of a cat", num_inference_steps=3, height=64, width=64)
 
 
-def _controlnet(unet, seed: int):
-    from diffusers import ControlNetModel
-
-    controlnet = ControlNetModel.from_unet(unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-            block.weight.copy_(torch.randn(block.weight.shape, generator=g) * 0.3)
-    return controlnet.eval()
-
-
 @pytest.fixture(scope="module")
-def setup(tiny_model, tiny_artifacts, diffusers_pipeline, tmp_path_factory):
-    """The tiny artifacts with unet_control added, two exported ControlNets, and diffusers' pipelines on them."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
-
-    from sdrt.export.build import ExportOptions, _export_component
-    from sdrt.export.controlnet import export_controlnet
-    from sdrt.export.modules import load_pipeline
-    from sdrt.runtime.manifest import Manifest
-
-    root = tmp_path_factory.mktemp("controlnet")
-    artifacts = root / "tiny-sd"
-    shutil.copytree(tiny_artifacts, artifacts, ignore=shutil.ignore_patterns("engines"))
-    manifest = Manifest.load(artifacts)  # add the residual-taking UNet, as `sdrt export --controlnet-unet` writes it
-    manifest.components["unet_control"] = _export_component(
-        load_pipeline(tiny_model), "unet_control", artifacts, ExportOptions(verify=False)
+def setup(controlnet_artifacts, diffusers_pipeline):
+    """The tiny artifacts with unet_control, the ControlNet's directory, and diffusers' pipelines on them (one
+    ControlNet, the same ControlNet twice, image-to-image, inpainting)."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionControlNetInpaintPipeline,
+        StableDiffusionControlNetPipeline,
     )
-    manifest.save(artifacts)
-    controlnets, dirs = [], []
-    for k, seed in enumerate((1, 2)):
-        cn = _controlnet(diffusers_pipeline.unet, seed)
-        cn.save_pretrained(root / f"cn{k}-folder")
-        export_controlnet(root / f"cn{k}-folder", root / f"cn{k}", base=artifacts, verify=False)
-        controlnets.append(cn)
-        dirs.append(root / f"cn{k}")
+
+    artifacts, folder, exported = controlnet_artifacts("tiny")
+    cn = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
     parts = {k: v for k, v in diffusers_pipeline.components.items() if k not in ("image_encoder",)}
     parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     references = {
-        "one": StableDiffusionControlNetPipeline(**parts, controlnet=controlnets[0]),
-        "two": StableDiffusionControlNetPipeline(**parts, controlnet=controlnets),
-        "img2img": StableDiffusionControlNetImg2ImgPipeline(**parts, controlnet=controlnets[0]),
+        "one": StableDiffusionControlNetPipeline(**parts, controlnet=cn),
+        "two": StableDiffusionControlNetPipeline(**parts, controlnet=[cn, cn]),
+        "img2img": StableDiffusionControlNetImg2ImgPipeline(**parts, controlnet=cn),
+        "inpaint": StableDiffusionControlNetInpaintPipeline(**parts, controlnet=cn),
     }
     for ref in references.values():
         ref.set_progress_bar_config(disable=True)
-    return artifacts, dirs, references
+    return artifacts, [exported, exported], references
+
+
+@pytest.fixture(scope="module")
+def pipe(setup):
+    """The tiny model with its ControlNet loaded once; ``controlnets`` of two is loaded where a case needs it."""
+    artifacts, dirs, _ = setup
+    with Pipeline.load(artifacts, controlnets=dirs[:1]) as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +68,14 @@ def _uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def _close(got, want, base):
+def _close(got, want, base, region=None):
+    """``got`` equals diffusers' ``want`` within 1/255, and ``want`` is several levels from ``base`` (the model
+    without its ControlNet) on average, over ``region`` (a boolean HxW mask) when given."""
+    assert got.shape == want.shape, (got.shape, want.shape)
     diff = np.abs(got.astype(int) - want.astype(int)).max()
     assert diff <= 1, f"max difference {diff}/255 from diffusers"
     moved = np.abs(want.astype(int) - base.astype(int))
+    moved = moved[:, region] if region is not None else moved
     assert moved.mean() > 3, f"the ControlNet moved pixels by only {moved.mean():.1f} on average"
 
 
@@ -93,9 +84,9 @@ LATENTS = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float
 
 @pytest.mark.parametrize(
     "case",
-    ["one ControlNet, scale 0.7, window 0.2-0.8", "two ControlNets with their own scales", "guess mode"],
+    ["one ControlNet, scale 0.7, window 0.2-0.8", "two ControlNets with their own images and scales", "guess mode"],
 )
-def test_controlnet_matches_diffusers(case, setup, control_images, runtime_pipeline):
+def test_controlnet_matches_diffusers(case, setup, pipe, control_images, runtime_pipeline):
     artifacts, dirs, refs = setup
     args, ours = {
         "one ControlNet, scale 0.7, window 0.2-0.8": (
@@ -104,9 +95,10 @@ def test_controlnet_matches_diffusers(case, setup, control_images, runtime_pipel
             dict(control_image=control_images[0], controlnet_conditioning_scale=0.7, control_guidance_start=0.2,
                  control_guidance_end=0.8),
         ),
-        "two ControlNets with their own scales": (
-            dict(image=control_images, controlnet_conditioning_scale=[0.5, 1.2]),
-            dict(control_image=control_images, controlnet_conditioning_scale=[0.5, 1.2]),
+        "two ControlNets with their own images and scales": (
+            dict(image=control_images, controlnet_conditioning_scale=[0.5, 1.2], control_guidance_end=[1.0, 0.6]),
+            dict(control_image=control_images, controlnet_conditioning_scale=[0.5, 1.2],
+                 control_guidance_end=[1.0, 0.6]),
         ),
         "guess mode": (
             dict(image=control_images[0], guess_mode=True, guidance_scale=3.0),
@@ -116,40 +108,83 @@ def test_controlnet_matches_diffusers(case, setup, control_images, runtime_pipel
     ref = refs["two" if "two" in case else "one"]
     want = _uint8(ref(**CALL, **args, latents=torch.from_numpy(LATENTS), output_type="np").images)
     base = runtime_pipeline(**CALL, latents=LATENTS, guidance_scale=args.get("guidance_scale", 7.5)).images
-    with Pipeline.load(artifacts, controlnets=dirs[:2] if "two" in case else dirs[:1]) as pipe:
+    if "two" in case:
+        with Pipeline.load(artifacts, controlnets=dirs) as two:
+            got = two(**CALL, **ours, latents=LATENTS).images
+    else:
         got = pipe(**CALL, **ours, latents=LATENTS).images
     _close(got, want, base)
 
 
-def test_controlnet_with_image_to_image_matches_diffusers(setup, control_images, runtime_pipeline):
-    artifacts, dirs, refs = setup
+def test_controlnet_with_image_to_image_matches_diffusers(setup, pipe, control_images, runtime_pipeline):
+    _, _, refs = setup
     init = Image.fromarray(np.random.default_rng(9).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     call = dict(CALL, image=init, strength=0.8, num_inference_steps=5)  # 4 steps run
     want = refs["img2img"](**call, control_image=control_images[0], generator=torch.Generator().manual_seed(3),
                            output_type="np").images  # fmt: skip
     base = runtime_pipeline(**call, seed=3).images
-    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
-        got = pipe(**call, control_image=control_images[0], seed=3).images  # scale: the task's default, 0.8
+    got = pipe(**call, control_image=control_images[0], seed=3).images  # scale: the task's default, 0.8
     _close(got, _uint8(want), base)
 
 
-def test_controlnet_arguments_are_checked_before_any_work(setup, control_images, runtime_pipeline):
+def test_controlnet_with_inpainting_matches_diffusers(setup, pipe, control_images, runtime_pipeline):
+    """A 4-channel UNet repaints the masked region (diffusers' blend); the ControlNet sees the 4 latent channels."""
+    from test_families import test_image, test_mask
+
+    _, _, refs = setup
+    call = dict(CALL, image=test_image(), mask_image=test_mask(), strength=0.9, num_inference_steps=5)
+    want = refs["inpaint"](**call, control_image=control_images[1], controlnet_conditioning_scale=1.5,
+                           generator=torch.Generator().manual_seed(4), output_type="np").images  # fmt: skip
+    base = runtime_pipeline(**call, seed=4).images
+    got = pipe(**call, control_image=control_images[1], controlnet_conditioning_scale=1.5, seed=4).images
+    _close(got, _uint8(want), base, region=np.asarray(test_mask()) > 0)  # only the repainted region moves
+
+
+def test_output_takes_the_control_images_size(setup, pipe, control_images):
+    """Without height/width, diffusers' ControlNet pipeline generates at the control image's size (96x80 here)."""
+    _, _, refs = setup
+    want = refs["one"](prompt=CALL["prompt"], num_inference_steps=2, image=control_images[0],
+                       generator=torch.Generator().manual_seed(2), output_type="np").images  # fmt: skip
+    got = pipe(prompt=CALL["prompt"], num_inference_steps=2, control_image=control_images[0], seed=2).images
+    assert got.shape == want.shape == (1, 80, 96, 3)
+    assert np.abs(got.astype(int) - _uint8(want).astype(int)).max() <= 1
+
+
+def test_sdxl_controlnet_matches_diffusers(controlnet_artifacts, family_models, control_images):
+    """SDXL's ControlNet takes the pooled text and time ids too; guess mode gives it only the prompt's rows."""
+    from diffusers import ControlNetModel
+    from test_families import reference
+
+    artifacts, folder, exported = controlnet_artifacts("tiny-sdxl")
+    cn = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    ref = reference("StableDiffusionXLControlNetPipeline", family_models("tiny-sdxl"), controlnet=cn)
+    latents = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with Pipeline.load(artifacts, controlnets=[exported]) as pipe:
+        for args in (dict(controlnet_conditioning_scale=0.8, control_guidance_start=0.3),
+                     dict(guess_mode=True, guidance_scale=4.0)):  # fmt: skip
+            want = ref(**CALL, image=control_images[0], latents=torch.from_numpy(latents), output_type="np",
+                       **args).images  # fmt: skip
+            got = pipe(**CALL, control_image=control_images[0], latents=latents, **args).images
+            base = pipe(**CALL, latents=latents, guidance_scale=args.get("guidance_scale", 5.0)).images
+            _close(got, _uint8(want), base)
+
+
+def test_controlnet_arguments_are_checked_before_any_work(setup, pipe, control_images, runtime_pipeline):
     artifacts, dirs, _ = setup
     with pytest.raises(InputError, match="loaded without a ControlNet"):
         runtime_pipeline(**CALL, control_image=control_images[0])
-    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
-        for kwargs, says in (
-            ({"guess_mode": True}, r"control_image: expected one image per ControlNet \(1\) with guess_mode"),
-            ({"control_image": control_images}, r"expected 1 image or one per prompt \(1\), got 2"),  # a batch
-            ({"control_image": control_images[0], "controlnet_conditioning_scale": float("nan")}, "finite"),
-            ({"control_image": control_images[0], "controlnet_conditioning_scale": -1.0}, ">= 0"),
-            ({"control_image": control_images[0], "control_guidance_start": 0.8, "control_guidance_end": 0.2},
-             "less than control_guidance_end"),
-            ({"control_image": control_images[0], "guess_mode": "yes"}, "guess_mode: expected True or False"),
-        ):  # fmt: skip
-            with pytest.raises(InputError, match=says):
-                pipe(**CALL, **kwargs)
-        assert pipe(**CALL, control_image=control_images[0], seed=0).images.shape == (1, 64, 64, 3)  # still serves
+    for kwargs, says in (
+        ({"guess_mode": True}, r"control_image: expected one image per ControlNet \(1\) with guess_mode"),
+        ({"control_image": control_images}, r"expected 1 image or one per prompt \(1\), got 2"),  # a batch
+        ({"control_image": control_images[0], "controlnet_conditioning_scale": float("nan")}, "finite"),
+        ({"control_image": control_images[0], "controlnet_conditioning_scale": -1.0}, ">= 0"),
+        ({"control_image": control_images[0], "control_guidance_start": 0.8, "control_guidance_end": 0.2},
+         "less than control_guidance_end"),
+        ({"control_image": control_images[0], "guess_mode": "yes"}, "guess_mode: expected True or False"),
+    ):  # fmt: skip
+        with pytest.raises(InputError, match=says):
+            pipe(**CALL, **kwargs)
+    assert pipe(**CALL, control_image=control_images[0], seed=0).images.shape == (1, 64, 64, 3)  # still serves
     with pytest.raises(ArtifactError, match="unet_control"):
         Pipeline.load(_without_control_unet(artifacts), controlnets=dirs[:1])
 
@@ -166,7 +201,7 @@ def _without_control_unet(artifacts):
     return copy
 
 
-def test_sdrt_generate_runs_controlnets(setup, control_images, tmp_path):
+def test_sdrt_generate_runs_controlnets(setup, pipe, control_images, tmp_path):
     from sdrt.runtime.cli import main
 
     artifacts, dirs, _ = setup
@@ -175,27 +210,24 @@ def test_sdrt_generate_runs_controlnets(setup, control_images, tmp_path):
             "--width", "64", "--seed", "4", "--controlnet", str(dirs[0]), "--control-image", str(tmp_path / "control.png"),
             "--control-scale", "0.7", "--out", str(tmp_path / "out.png")]  # fmt: skip
     assert main(args) == 0
-    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
-        want = pipe(**CALL, seed=4, control_image=str(tmp_path / "control.png"), controlnet_conditioning_scale=0.7)
+    want = pipe(**CALL, seed=4, control_image=str(tmp_path / "control.png"), controlnet_conditioning_scale=0.7)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), want.images[0])
     assert main([*args[:-2], "--control-scale", "0.5", "--out", str(tmp_path / "x.png")]) == 2  # two scales, one net
 
 
-def test_run_batch_gives_each_controlled_call_its_own_image(setup, control_images):
+def test_run_batch_gives_each_controlled_call_its_own_image(pipe, control_images):
     """Calls with their own control images and scales share UNet steps, and a call without control runs apart
     (another UNet): each result equals the call alone."""
-    artifacts, dirs, _ = setup
     calls = [
         dict(CALL, seed=1, control_image=control_images[0]),
         dict(CALL, seed=2, control_image=control_images[1], controlnet_conditioning_scale=0.4),
         dict(CALL, seed=3),
         dict(CALL, seed=4, control_image=control_images[0], guess_mode=True),
     ]
-    with Pipeline.load(artifacts, controlnets=dirs[:1]) as pipe:
-        batched = pipe.run_batch(calls)
-        for call, result in zip(calls, batched):
-            assert not isinstance(result, Exception), result
-            np.testing.assert_array_equal(result.images, pipe(**call).images)
+    batched = pipe.run_batch(calls)
+    for call, result in zip(calls, batched):
+        assert not isinstance(result, Exception), result
+        np.testing.assert_array_equal(result.images, pipe(**call).images)
     assert batched[0].timings.get("batch_size") == 3 and "batch_size" not in batched[2].timings
 
 

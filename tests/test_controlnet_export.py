@@ -1,78 +1,73 @@
-"""ControlNet's graphs (issue 19, export side): the ControlNet and the UNet that takes its residuals, exported with
-dynamic batch and size and checked against PyTorch at another shape. The ControlNet is diffusers' from_unet of the
-tiny model, its zero-initialized output convolutions given weights (zero residuals would prove nothing)."""
+"""ControlNet's graphs (issue 19, export side): the ControlNet (`sdrt export --controlnet`) and the UNet that takes
+its residuals (`sdrt export --controlnet-unet`), exported with dynamic batch and size and checked against PyTorch at
+another shape. Both come from conftest's ``controlnet_artifacts``, exported once per session and shared with the
+runtime's parity tests; the ControlNet is the ``tiny-controlnet`` random-weight preset, whose zero-initialized
+convolutions carry random weights (zero residuals would prove nothing)."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from sdrt.runtime import families
+from sdrt.runtime.errors import ArtifactError
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    from diffusers import ControlNetModel
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_control_graphs_are_checked_and_their_residuals_matter(preset, controlnet_artifacts, family_models):
+    """Both graphs passed their check against PyTorch at two shapes; the ControlNet's residuals are non-zero and
+    depend on the control image; the residual-taking UNet's output depends on them."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from sdrt.export.modules import load_pipeline
-
-    pipe = load_pipeline(tiny_model)
-    controlnet = ControlNetModel.from_unet(pipe.unet)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-            block.weight.copy_(torch.randn(block.weight.shape, generator=g) * 0.1)
-    return pipe, controlnet
-
-
-# Each export costs 10-20 s: the ControlNet's is checked through `sdrt export --controlnet` below; these stay slow
-# until the runtime's parity tests share one export of each.
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["controlnet", "unet_control"])
-def test_control_graphs_export_and_match_pytorch(name, loaded, tmp_path):
-    from sdrt.export.modules import control_module
-    from sdrt.export.onnx_export import export_onnx, verify_onnx
-
-    pipe, controlnet = loaded
-    dims = pipe.dims
-    spec = families.control_specs(dims)[name]
-    module = control_module(spec, controlnet if name == "controlnet" else pipe.unet)
-    rng, m = np.random.default_rng(0), dims.latent_multiple
-    trace = spec.sample(families.sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng, dims.vocab_size)
-    other = spec.sample(families.sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng, dims.vocab_size)
-    path = tmp_path / f"{name}.onnx"
-    export_onnx(spec, module, trace, path, 18)
-    report = verify_onnx(spec, module, path, [trace, other])
-    assert report["max_abs_error"] < 1e-4
-    with torch.no_grad():  # the graph's outputs depend on every residual input / give non-zero residuals
-        outs = module(*(torch.from_numpy(other[t.name]) for t in spec.inputs))
-    if name == "controlnet":
-        assert len(outs) == len(families.control_residual_specs(dims)) and all(o.abs().max() > 0 for o in outs)
-    else:
-        plain = pipe.unet(*(torch.from_numpy(other[n]) for n in ("sample", "timestep", "encoder_hidden_states")),
-                          return_dict=False)[0]  # fmt: skip
-        assert (outs - plain).abs().max() > 1e-3
-
-
-def test_sdrt_export_controlnet_writes_a_checked_directory_that_fits_its_model(loaded, tiny_artifacts, tmp_path):
-    import dataclasses
-    import json
-
-    from sdrt.runtime.cli import main
     from sdrt.runtime.controlnet import ControlNetManifest
-    from sdrt.runtime.errors import ArtifactError
     from sdrt.runtime.manifest import Manifest
 
-    _, controlnet = loaded
-    folder, out = tmp_path / "controlnet-folder", tmp_path / "controlnet"
-    controlnet.save_pretrained(folder)
-    assert main(["export", "--controlnet", str(folder), "--base", str(tiny_artifacts), "--out", str(out)]) == 0
+    artifacts, folder, out = controlnet_artifacts(preset)
+    model = Manifest.load(artifacts)
+    cn = ControlNetManifest.load(out)
+    dims = model.model_dims
+    for check in (cn.component.verification, model.components["unet_control"].verification):
+        assert check["passed"] and len({str(c["input_shapes"]) for c in check["checks"]}) >= 2, check
+    assert cn.family == model.family and [t.name for t in cn.component.outputs] == [
+        t.name for t in families.control_residual_specs(dims)
+    ]
+    controlnet = ControlNetModel.from_pretrained(folder).eval()
+    spec = families.control_specs(dims)["controlnet"]
+    m = dims.latent_multiple
+    feed = spec.sample(families.sizes(dims, 1, m, 2 * m), np.random.default_rng(0), dims.vocab_size)
+    args = {k: torch.from_numpy(v) for k, v in feed.items() if k not in ("text_embeds", "time_ids")}
+    if "text_embeds" in feed:
+        args["added_cond_kwargs"] = {k: torch.from_numpy(feed[k]) for k in ("text_embeds", "time_ids")}
+    with torch.no_grad():
+        down, mid = controlnet(**args, return_dict=False)
+        other_down, _ = controlnet(**{**args, "controlnet_cond": 1 - args["controlnet_cond"]}, return_dict=False)
+        assert all(r.abs().max() > 0 for r in (*down, mid))
+        assert max(float((a - b).abs().max()) for a, b in zip(down, other_down)) > 1e-3  # the image matters
+        unet = UNet2DConditionModel.from_pretrained(family_models(preset) / "unet").eval()
+        plain = unet(args["sample"], args["timestep"], args["encoder_hidden_states"],
+                     added_cond_kwargs=args.get("added_cond_kwargs"), return_dict=False)[0]  # fmt: skip
+        steered = unet(args["sample"], args["timestep"], args["encoder_hidden_states"],
+                       added_cond_kwargs=args.get("added_cond_kwargs"), down_block_additional_residuals=down,
+                       mid_block_additional_residual=mid, return_dict=False)[0]  # fmt: skip
+    assert (steered - plain).abs().max() > 1e-3
+
+
+def test_sdrt_export_controlnet_writes_a_checked_directory_that_fits_its_model(controlnet_artifacts, tmp_path):
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.controlnet import ControlNetManifest
+    from sdrt.runtime.manifest import Manifest
+
+    artifacts, folder, exported = controlnet_artifacts("tiny")
+    out = tmp_path / "controlnet"
+    shutil.copytree(exported, out)
     cn = ControlNetManifest.load(out)  # sizes and sha256 of every file
     assert cn.family == "sd1" and cn.component.verification["max_abs_error"] < 1e-4
-    assert [t.name for t in cn.component.outputs] == [t.name for t in families.control_residual_specs(
-        Manifest.load(tiny_artifacts).model_dims)]  # fmt: skip
-    model = Manifest.load(tiny_artifacts)
+    model = Manifest.load(artifacts)
     cn.check_fits(model)
     with pytest.raises(ArtifactError, match="family 'sdxl', got one for 'sd1'"):
         cn.check_fits(dataclasses.replace(model, family="sdxl"))
