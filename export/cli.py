@@ -212,6 +212,15 @@ def register_engines(sub: argparse._SubParsersAction) -> None:
         "--workspace-gb", type=float, default=None, help="builder workspace limit in GiB (default: TensorRT's)"
     )
     p.add_argument("--components", nargs="+", default=None, help="components to build (default: all exported)")
+    p.add_argument(
+        "--controlnet",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="ControlNet artifact directories (sdrt export --controlnet) for this model: their onnxruntime CPU "
+        "engines are built too, each in its own engines/ folder",
+    )
     p.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (default: in the device folder)")
     p.add_argument("--force", action="store_true", help="rebuild even the engines that are up to date")
     p.add_argument(
@@ -265,6 +274,10 @@ def _engines(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.artifacts)
     if not args.no_cpu:
         _cpu_engines(args.artifacts, components, args.force, not args.no_fusions, not args.no_lora_graphs)
+        for folder in args.controlnet:
+            from sdrt.export.cpu_engines import build_controlnet_engines
+
+            _print_cpu_report(build_controlnet_engines(folder, args.artifacts, args.force, fuse=not args.no_fusions))
     print(
         f"shape profiles ({'static' if ranges.is_static else 'dynamic'}: batch {ranges.batch}, "
         f"height {ranges.height}, width {ranges.width}):"
@@ -273,6 +286,12 @@ def _engines(args: argparse.Namespace) -> int:
         if name in manifest.components:
             for tensor, (lo, opt, hi) in input_profile(manifest.components[name], manifest, ranges).items():
                 print(f"  {name:13s} {tensor:22s} min {lo}  opt {opt}  max {hi}")
+    for folder in args.controlnet:
+        from sdrt.runtime.controlnet import ControlNetManifest
+
+        cn = ControlNetManifest.load(folder)
+        for tensor, (lo, opt, hi) in input_profile(cn.component, manifest, ranges).items():
+            print(f"  {'controlnet':13s} {tensor:22s} min {lo}  opt {opt}  max {hi}")
     try:
         device = current_device()
     except BackendError as e:
@@ -280,6 +299,8 @@ def _engines(args: argparse.Namespace) -> int:
         print(line)
         return 1 if args.require else 0
     report = build_engines(args.artifacts, device, options, force=args.force)
+    if args.controlnet:
+        print("TensorRT engines for ControlNets are not built yet: load them with an onnxruntime backend")
     kept = [p.component for p in report.plans if p.component not in report.built]
     print(
         f"engines for {device.name} (sm{device.compute_capability[0]}{device.compute_capability[1]}, TensorRT "
@@ -291,7 +312,10 @@ def _engines(args: argparse.Namespace) -> int:
 def _cpu_engines(artifacts: Path, components: tuple[str, ...], force: bool, fuse: bool, lora_sources: bool) -> None:
     from sdrt.export.cpu_engines import build_cpu_engines
 
-    report = build_cpu_engines(artifacts, components, force=force, fuse=fuse, lora_sources=lora_sources)
+    _print_cpu_report(build_cpu_engines(artifacts, components, force=force, fuse=fuse, lora_sources=lora_sources))
+
+
+def _print_cpu_report(report) -> None:
     built = ", ".join(f"{name} ({report.reasons[name]})" for name in report.built) or "none"
     print(f"onnxruntime CPU engines in {report.folder}: built {built}, up to date {', '.join(report.kept) or 'none'}")
 

@@ -59,19 +59,25 @@ def build_cpu_engines(
     threads: int = 0,
     fuse: bool = True,
     lora_sources: bool = True,
+    manifest: Manifest | None = None,
+    targets: dict[str, Component] | None = None,
 ) -> CpuEngineReport:
     """Build the missing or stale engines of ``root`` for this CPU; ``fuse=False`` skips onnxscript's
     fusions (onnxruntime's own optimizations still run). ``lora_sources``: keep the fused graph of every
-    component a LoRA adapts, for adapter sessions as fast as the engine (CpuEngineRecord.lora_source)."""
+    component a LoRA adapts, for adapter sessions as fast as the engine (CpuEngineRecord.lora_source).
+    ``targets``: the graphs of ``root`` to build for (default: the manifest's components), with ``manifest``
+    the model whose dims give their shapes (default: ``root``'s own manifest)."""
     root = Path(root)
-    manifest = Manifest.load(root)
+    manifest = Manifest.load(root) if manifest is None else manifest
+    available = manifest.components if targets is None else targets
     folder = engine_folder(root)
     folder.mkdir(parents=True, exist_ok=True)
     records = read_records(folder)
     report = CpuEngineReport(folder)
-    wanted = [c for c in (components or COMPONENTS) if c in manifest.components]
+    wanted = [c for c in (components or (*COMPONENTS, *available)) if c in available]
+    wanted = list(dict.fromkeys(wanted))
     for i, name in enumerate(wanted, 1):
-        component = manifest.components[name]
+        component = available[name]
         fingerprint = onnx_fingerprint(root, component)
         record = records.get(name)
         reason = "--force" if force else stale_reason(record, folder, fingerprint)
@@ -89,6 +95,22 @@ def build_cpu_engines(
         report.built.append(name)
         report.reasons[name] = reason
     return report
+
+
+def build_controlnet_engines(
+    controlnet_root: Path, base_root: Path, force: bool = False, threads: int = 0, fuse: bool = True
+) -> CpuEngineReport:
+    """The CPU engine of a ControlNet artifact directory (``sdrt export --controlnet``), in its own ``engines/``,
+    shaped by the model it fits (``base_root``), so that its sessions load as fast and run as fused as the UNet's."""
+    from sdrt.runtime.controlnet import ControlNetManifest
+
+    cn = ControlNetManifest.load(Path(controlnet_root))
+    base = Manifest.load(Path(base_root))
+    cn.check_fits(base, where=f"controlnet ({controlnet_root})")
+    return build_cpu_engines(
+        controlnet_root, force=force, threads=threads, fuse=fuse, lora_sources=False, manifest=base,
+        targets={cn.component.name: cn.component},
+    )  # fmt: skip
 
 
 def build_one(

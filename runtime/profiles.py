@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from sdrt.runtime.errors import InputError
-from sdrt.runtime.families import reduced
+from sdrt.runtime.families import control_specs, reduced
 from sdrt.runtime.manifest import Component, Manifest
 
 
@@ -82,7 +82,9 @@ def dimension_ranges(component: str, manifest: Manifest, ranges: ShapeRanges) ->
     """The range of every symbolic dimension a component's tensors use."""
     f = manifest.vae_scale_factor
     batch = ranges.batch
-    if manifest.model_family.specs(manifest.model_dims)[component].batch != "images":
+    specs = manifest.model_family.specs(manifest.model_dims)
+    spec = specs[component] if component in specs else control_specs(manifest.model_dims)[component]
+    if spec.batch != "images":
         # Guided calls double the UNet's batch (unconditional rows + conditional rows), and the text
         # encoders see prompts and negative prompts in one call; min stays the single batch so that
         # guidance_scale <= 1 (no doubling) is still served.

@@ -247,3 +247,22 @@ def test_sdrt_serve_takes_control_images(setup, control_images):
         assert r.status_code == 400 and "control_image" in r.json()["error"]["message"], r.text
         r = post(client, {**body, "control_image": "not base64!"})
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("control_image: expected a base64")
+
+
+def test_sdrt_engines_builds_the_controlnets_cpu_engine(setup, control_images, tmp_path):
+    """`sdrt engines --controlnet DIR` puts the ControlNet's CPU engine in its own folder; the pipeline then loads it
+    (and unet_control's) and gives the image of the portable graphs."""
+    from sdrt.runtime.cli import main
+
+    artifacts, dirs, _ = setup
+    model, cn = tmp_path / "model", tmp_path / "cn"
+    shutil.copytree(artifacts, model)
+    shutil.copytree(dirs[0], cn)
+    assert main(["engines", "--artifacts", str(model), "--components", "unet_control", "--controlnet", str(cn)]) == 0
+    assert list((cn / "engines").glob("onnxruntime-cpu_*/controlnet.onnx"))
+    call = dict(CALL, control_image=control_images[0], seed=5)
+    with Pipeline.load(model, controlnets=[cn]) as fast, Pipeline.load(artifacts, controlnets=dirs[:1]) as portable:
+        assert fast.controlnets[0].engine is not None and fast.sessions["unet_control"].engine is not None
+        assert portable.controlnets[0].engine is None
+        got, want = fast(**call).images, portable(**call).images
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
