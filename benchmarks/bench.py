@@ -169,7 +169,7 @@ class Worker:
         return "; its last output:\n" + "\n".join(tail) if tail else " (it wrote nothing to stderr)"
 
     def run(self, case: Case, args: tuple) -> RunTimes:
-        prompts, height, width, steps, guidance, latents = args
+        prompts, height, width, steps, guidance, latents, *control = args
         path = Path(self._tmp.name) / "latents.npy"
         np.save(path, latents)
         request = {
@@ -180,6 +180,8 @@ class Worker:
             "guidance": guidance,
             "latents": str(path),
         }
+        if control and control[0]:  # a PNG path: the image every ControlNet of the worker gets
+            request["control_image"] = str(control[0])
         what = f"a run of batch {case.batch} {case.height}x{case.width} {case.steps} steps"
         try:
             assert self._proc.stdin
@@ -198,6 +200,7 @@ class Worker:
             r.get("scheduler_steps", []),
             r.get("lora_s"),
             r.get("lora_cached"),
+            r.get("control_calls", []),
         )
 
     def memory(self) -> dict:
@@ -236,11 +239,13 @@ class Variant:
     # LoRA adapter sets used in turn, one per call (sets of (path, scale)): none for the base model.
     lora_sets: tuple[tuple[tuple[str, float], ...], ...] = ()
     lora_mode: str = ""  # "base", "one" or "switching" when the bench measures adapters
+    controlnets: tuple[Path, ...] = ()  # ControlNet artifact directories run on every call
 
     @property
     def name(self) -> str:
         lora = f"lora:{self.lora_mode}" if self.lora_mode else ""
-        return " ".join(filter(None, ("sdrt", self.backend, self.precision, self.tag, lora)))
+        control = "controlnet" if self.controlnets else ""
+        return " ".join(filter(None, ("sdrt", self.backend, self.precision, self.tag, lora, control)))
 
     def start(self, threads: int, scheduler: str | None) -> Worker:
         spec = {
@@ -251,6 +256,7 @@ class Variant:
             "threads": threads,
             "scheduler": scheduler,
             "lora_sets": [list(map(list, one)) for one in self.lora_sets],
+            "controlnets": [str(Path(c).absolute()) for c in self.controlnets],
         }
         return Worker(self.name, _worker_command(spec))
 
@@ -277,13 +283,21 @@ def lora_variants(
 
 
 def start_diffusers(
-    source: Path, threads: int, scheduler: str | None, device: str = "cpu", dtype: str = "fp32"
+    source: Path,
+    threads: int,
+    scheduler: str | None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    controlnets: tuple[Path, ...] = (),
 ) -> Worker:
-    """diffusers/PyTorch on the CPU in fp32, or on ``device`` (e.g. "cuda") in ``dtype`` (e.g. "fp16")."""
+    """diffusers/PyTorch on the CPU in fp32, or on ``device`` (e.g. "cuda") in ``dtype`` (e.g. "fp16"); with
+    ``controlnets`` (ControlNetModel folders), diffusers' ControlNet pipeline for the model."""
     spec = {"implementation": "diffusers", "folder": str(source.absolute()), "threads": threads, "scheduler": scheduler}
     if (device, dtype) != ("cpu", "fp32"):
         spec |= {"device": device, "dtype": dtype}
-    worker = Worker("diffusers", _worker_command(spec))
+    if controlnets:
+        spec["controlnets"] = [str(Path(c).absolute()) for c in controlnets]
+    worker = Worker("diffusers controlnet" if controlnets else "diffusers", _worker_command(spec))
     ran = (worker.hello.get("device", "cpu"), worker.hello.get("dtype", "fp32"))
     if ran != (device, dtype):
         worker.close()
@@ -323,6 +337,7 @@ def metrics(runs: list[RunTimes], batch: int) -> dict:
     calls = [c for r in runs for c in r.unet_calls]
     walls = [w for r in runs for w in r.step_walls]
     overhead = [o for r in runs for o in r.overhead]
+    control = [c for r in runs for c in r.control_calls]
     out = {
         "end_to_end_s": stats([r.total for r in runs]),
         "images_per_s": stats([batch / r.total for r in runs]),
@@ -339,6 +354,8 @@ def metrics(runs: list[RunTimes], batch: int) -> dict:
     schedule = [s for r in runs for s in r.scheduler_steps]
     if schedule:
         out["scheduler_step_ms"] = stats([1e3 * s for s in schedule])
+    if control:  # each step's ControlNet calls, summed over the ControlNets
+        out["controlnet_step_ms"] = stats([1e3 * c for c in control])
     return out
 
 
@@ -348,6 +365,13 @@ def ratios(ours: list[RunTimes], base: list[RunTimes]) -> dict:
     return {
         "end_to_end": stats([a.total / b.total for a, b in pairs]),
         "unet_step": stats([float(np.median(a.unet_calls) / np.median(b.unet_calls)) for a, b in pairs]),
+        "step_wall": stats(
+            [
+                float(np.median(a.step_walls) / np.median(b.step_walls))
+                for a, b in pairs
+                if a.step_walls and b.step_walls
+            ]
+        ),  # fmt: skip
         "text_encoder": stats([a.text_encoder / b.text_encoder for a, b in pairs if b.text_encoder]),
         "vae_decode": stats([a.vae_decoder / b.vae_decoder for a, b in pairs if b.vae_decoder]),
     }
@@ -378,6 +402,9 @@ class BenchConfig:
     # switching sets on every call (LORA_MODES).
     loras: tuple[tuple[str, float], ...] = ()
     lora_modes: tuple[str, ...] = LORA_MODES  # e.g. ("base", "switching"): fewer processes, less memory at once
+    # ControlNet artifact directories (sdrt export --controlnet): every variant, and diffusers, is measured without
+    # and with them (each in its own process) on a control image at the case's size, in the same rounds.
+    controlnets: tuple[Path, ...] = ()
     prompt: str = "a photograph of an astronaut riding a horse"
     results_dir: Path = RESULTS_DIR
     matmul_size: int = matmul.SIZE  # the square MatMul that measures the machine's achievable rate
@@ -411,7 +438,8 @@ def plan(config: BenchConfig) -> tuple[list[Variant], list[tuple[Variant, str]]]
         except BackendError as e:
             unsupported.append((variant, str(e)))
         else:
-            runnable.extend(lora_variants(variant, config.loras, config.lora_modes))
+            for one in lora_variants(variant, config.loras, config.lora_modes):
+                runnable += [one, replace(one, controlnets=tuple(config.controlnets))] if config.controlnets else [one]
     return runnable, unsupported
 
 
@@ -439,6 +467,7 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
         )
     # Each LoRA file read and hashed once per run, before any worker starts (an unreadable one stops the run).
     loras = {path: _describe_lora(path) for path, _ in config.loras}
+    controlnets = _check_controlnets(config, manifests)
     threads = config.threads or len(os.sched_getaffinity(0))
     variants, unsupported = plan(config)
     for variant, reason in unsupported:
@@ -449,7 +478,7 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     gpu = next((v.backend for v in variants if backends.get(v.backend).device == "gpu"), None)
     if gpu is None and config.baseline and config.baseline_device != "cpu":
         gpu = "tensorrt"  # the GPU the baseline runs on names the file (CUDA device 0, as for the backends)
-    context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"), loras)
+    context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"), loras, controlnets)
     ours: dict[Variant, Worker] = {}
     baselines: list[Worker] = []
     try:
@@ -460,6 +489,11 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
                 source, threads, config.scheduler, config.baseline_device, config.baseline_dtype
             )
             baselines.append(_started(diffusers, progress))
+            if controlnets:
+                folders = tuple(Path(c["source"]) for c in controlnets)
+                baselines.append(_started(start_diffusers(
+                    source, threads, config.scheduler, config.baseline_device, config.baseline_dtype, folders
+                ), progress))  # fmt: skip
         if config.optimum_folder:
             baselines.append(_started(start_optimum(config.optimum_folder, config.optimum_python, threads), progress))
         rows = []
@@ -472,6 +506,47 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
         for worker in [*ours.values(), *baselines]:
             worker.close()
     return rows
+
+
+def _check_controlnets(config: BenchConfig, manifests: dict[Path, Manifest]) -> list[dict]:
+    """What the rows say of each ControlNet, after checking it fits every artifact directory (which must have
+    unet_control) and, for the baseline, that the ControlNetModel folder it was exported from is here."""
+    from sdrt.runtime.controlnet import ControlNetManifest
+
+    out = []
+    for folder in config.controlnets:
+        cn = ControlNetManifest.load(Path(folder), verify_hashes=False)
+        for root, manifest in manifests.items():
+            cn.check_fits(manifest, where=f"--controlnets {folder}")
+            if "unet_control" not in manifest.components:
+                raise InputError(
+                    f"--controlnets: expected the UNet taking ControlNet residuals (unet_control) in {root}, found "
+                    "none (re-export the model with `sdrt export --controlnet-unet`)"
+                )
+        source = Path(cn.source.get("path") or "")
+        if config.baseline and not (source / "config.json").is_file():
+            raise InputError(
+                f"--controlnets: expected the ControlNetModel folder {folder} was exported from at {source}, found "
+                "none (it is diffusers' baseline; pass --no-baseline, or re-export from a local folder)"
+            )
+        out.append({"path": str(folder), "source": str(source), "family": cn.family,
+                    "parameters_bytes": sum(f.bytes for f in cn.component.files)})  # fmt: skip
+    return out
+
+
+def _control_image(folder: Path, height: int, width: int) -> Path:
+    """A deterministic control image at the case's size: edges of discs and bars, as a Canny map would give."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    edges = np.zeros((height, width), bool)
+    for k, (cy, cx, r) in enumerate(((0.4, 0.35, 0.22), (0.65, 0.7, 0.15), (0.3, 0.8, 0.1))):
+        d = np.hypot(y - cy * height, x - cx * width)
+        edges |= np.abs(d - r * min(height, width)) < 1.5
+        edges |= (np.abs(x - (0.15 + 0.3 * k) * width) < 1) & (y > height * 0.7)
+    path = Path(folder) / f"control-{height}x{width}.png"
+    Image.fromarray(np.repeat((edges * 255).astype(np.uint8)[:, :, None], 3, axis=2)).save(path)
+    return path
 
 
 def _started(worker: Worker, progress) -> Worker:
@@ -503,6 +578,7 @@ class Context:
     threads: int
     device: dict  # the machine's: its GPU when a GPU backend is measured; names the results file
     loras: dict = field(default_factory=dict)  # LoRA file path -> what the rows say of it (_describe_lora)
+    controlnets: list = field(default_factory=list)  # what the rows say of each ControlNet (_check_controlnets)
 
     def flops_graph(self) -> Path:
         """The UNet graph FLOPs are counted on: an fp32 one when measured (every variant is the same
@@ -522,7 +598,14 @@ def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker],
         case.width // manifest.vae_scale_factor,
     )
     latents = rng.standard_normal(shape).astype(np.float32)
-    args = ([config.prompt] * case.batch, case.height, case.width, case.steps, config.guidance, latents)
+    with tempfile.TemporaryDirectory(prefix="sdrt-bench-control-") as tmp:
+        control = _control_image(Path(tmp), case.height, case.width) if ctx.controlnets else None
+        args = ([config.prompt] * case.batch, case.height, case.width, case.steps, config.guidance, latents, control)
+        return _measure_rounds(ctx, ours, baselines, case, args, shape, progress)
+
+
+def _measure_rounds(ctx: Context, ours, baselines, case: Case, args: tuple, shape: tuple, progress) -> list[dict]:
+    config = ctx.config
     label = f"batch {case.batch} {case.height}x{case.width} {case.steps} steps"
     workers = [*ours.values(), *baselines]
     warm = {}
@@ -547,15 +630,29 @@ def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker],
             base = ours.get(replace(variant, lora_sets=(), lora_mode="base"))
             if base is not None:
                 row.setdefault("ratio_to", {})["sdrt without LoRA"] = ratios(runs[w.name], runs[base.name])
+        if variant.controlnets:  # against the same variant without ControlNets, round by round
+            plain = ours.get(replace(variant, controlnets=()))
+            if plain is not None:
+                row.setdefault("ratio_to", {})["sdrt without ControlNet"] = ratios(runs[w.name], runs[plain.name])
+            row["controlnet"] = _controlnet_fields(ctx)
         rows.append(row)
     for b in baselines:
-        backend = "pytorch" if b.name == "diffusers" else "onnxruntime"
+        backend = "pytorch" if b.name.startswith("diffusers") else "onnxruntime"
         dtype = b.hello.get("dtype", "fp32")
         fields = {"backend": backend, "precision": dtype, "compute_precision": dtype, "graph_precision": dtype}
         fields["pipeline"] = b.hello.get("pipeline")  # the diffusers class (optimum's worker names none)
         device = ctx.device if b.hello.get("device", "cpu") != "cpu" else _cpu_device()
-        rows.append(_row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": device})
+        row = _row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": device}
+        if b.name == "diffusers controlnet":
+            row["controlnet"] = _controlnet_fields(ctx)
+            if "diffusers" in runs:
+                row["ratio_to"] = {"diffusers without ControlNet": ratios(runs[b.name], runs["diffusers"])}
+        rows.append(row)
     return rows
+
+
+def _controlnet_fields(ctx: Context) -> dict:
+    return {"count": len(ctx.controlnets), "conditioning_scale": 1.0, "controlnets": ctx.controlnets}
 
 
 def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:

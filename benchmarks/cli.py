@@ -113,6 +113,16 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "the convolutions too (LoCon)",
     )
     p.add_argument(
+        "--controlnets",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="run: ControlNet artifact directories (sdrt export --controlnet): every sdrt variant and diffusers run "
+        "without and with them, each in its own process, in the same rounds, on a control image of the case's size; "
+        "the rows give a ControlNet step's cost relative to a plain step (the model needs --controlnet-unet)",
+    )
+    p.add_argument(
         "--lora-dir", type=Path, default=Path("build/loras"), help="run: where --random-loras writes its files"
     )
     p.add_argument(
@@ -186,6 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         loras=loras,
         lora_modes=tuple(args.lora_modes),
+        controlnets=tuple(args.controlnets),
         artifacts=artifacts,
         backends=tuple(args.backends or available_backends()),
         precisions=tuple(args.precisions) if args.precisions else None,

@@ -70,7 +70,7 @@ def label(row: dict) -> str:
     d = row["device"]
     isa = f"{d['isa']}, " if d.get("isa") else ""  # "AMD EPYC" names Zen 3 and Zen 4 alike; the ISA does not
     where = f"{d['name']} ({isa}{d['cores']} cores, {row['threads']} threads)" if d["kind"] == "cpu" else d["name"]
-    return f"{where} · {_implementation(row)} · {row.get('precision', MISSING)}{_vae(row)}{_lora(row)}"
+    return f"{where} · {_implementation(row)} · {row.get('precision', MISSING)}{_vae(row)}{_lora(row)}{_control(row)}"
 
 
 LORA_MODES = {"base": "no LoRA", "one": "one LoRA", "switching": "LoRA set switched every call"}
@@ -79,6 +79,11 @@ LORA_MODES = {"base": "no LoRA", "one": "one LoRA", "switching": "LoRA set switc
 def _lora(row: dict) -> str:
     mode = (row.get("lora") or {}).get("mode")
     return f" · {LORA_MODES.get(mode, mode)}" if mode else ""
+
+
+def _control(row: dict) -> str:
+    n = (row.get("controlnet") or {}).get("count")
+    return f" · {n} ControlNet{'s' if n > 1 else ''}" if n else ""
 
 
 def _implementation(row: dict) -> str:
@@ -143,9 +148,11 @@ def markdown_table(rows: list[dict]) -> str:
     if loads and len(loads) == len(rows):
         return load_table(loads)
     loras = [r for r in measured(rows) if r.get("lora")]
+    controlled = [r for r in measured(rows) if r.get("controlnet")]
     return (
         _latency_table(rows)
         + (f"\n\n{lora_table(loras)}" if loras else "")
+        + (f"\n\n{controlnet_table(controlled)}" if controlled else "")
         + (f"\n\n{load_table(loads)}" if loads else "")
     )
 
@@ -197,6 +204,40 @@ def lora_table(rows: list[dict]) -> str:
             )
             + " |"
         )
+    return "\n".join(lines)
+
+
+def controlnet_table(rows: list[dict]) -> str:
+    """ControlNet rows (sdrt bench --controlnets): per case and implementation, the ControlNet's calls per step,
+    the whole step, and what a ControlNet step costs relative to a plain step of the same implementation (round
+    by round: the median of each round's controlled step over its plain step), end to end likewise."""
+    head = [
+        "case",
+        "device · implementation · precision · ControlNets",
+        "ControlNet calls per step ms",
+        "UNet step ms",
+        "whole step ms",
+        "end to end s",
+        "step vs plain step",
+        "end to end vs plain",
+        "peak RSS MiB",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: (case(r), label(r))):
+        m, ratio = row["metrics"], row.get("ratio_to") or {}
+        plain = ratio.get("sdrt without ControlNet") or ratio.get("diffusers without ControlNet")
+        cells = [
+            case(row),
+            label(row),
+            _cell(m.get("controlnet_step_ms")),
+            _cell(m.get("unet_step_ms")),
+            _cell(m.get("step_wall_ms")),
+            _cell(m.get("end_to_end_s")),
+            _ratio(plain, "step_wall"),
+            _ratio(plain, "end_to_end"),
+            _opt(row.get("peak_rss_bytes"), lambda b: f"{b / 2**20:,.0f}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,9 @@
 compute precision; diffusers) so that load time, resident memory and peak memory are each
 implementation's own, not the sum over everything the bench process happens to hold. SPEC is one
 JSON object: ``{"implementation": "sdrt", "artifacts", "backend", "precision", "threads",
-"scheduler"}`` or ``{"implementation": "diffusers", "folder", "threads", "scheduler"}``.
+"scheduler"}`` or ``{"implementation": "diffusers", "folder", "threads", "scheduler"}``, each with an optional
+``"controlnets"`` (sdrt: ControlNet artifact directories; diffusers: ControlNetModel folders) whose calls take
+the request's ``"control_image"`` (a PNG path), one for every ControlNet.
 
 The protocol is the optimum worker's (``optimum_worker.py``): a hello line once loaded (load
 seconds, RSS after load), then one JSON request per line on stdin (prompts, size, steps, guidance,
@@ -40,10 +42,12 @@ class RunTimes:
     scheduler_steps: list[float] = field(default_factory=list)
     lora_s: float | None = None  # getting the call's adapter sessions: merge and open, ~0 from the cache
     lora_cached: bool | None = None
+    control_calls: list[float] = field(default_factory=list)  # per step: its ControlNet calls, summed
 
     @property
-    def overhead(self) -> list[float]:  # wall time of each step outside its UNet call
-        return [w - u for w, u in zip(self.step_walls, self.unet_calls)]
+    def overhead(self) -> list[float]:  # wall time of each step outside its UNet (and ControlNet) calls
+        control = self.control_calls or [0.0] * len(self.unet_calls)
+        return [w - u - c for w, u, c in zip(self.step_walls, self.unet_calls, control)]
 
 
 def proc_status_bytes(key: str) -> int:
@@ -78,13 +82,18 @@ class SdrtRunner:
         threads: int,
         scheduler: str | None,
         lora_sets: list | None = None,
+        controlnets: list | None = None,
     ):
         """``lora_sets``: adapter sets (lists of [path, scale]) used in turn, one per call: none is the base
-        model, one set is "one LoRA", two or more switch sets on every call."""
+        model, one set is "one LoRA", two or more switch sets on every call. ``controlnets``: ControlNet artifact
+        directories, run on every call with the request's control image."""
         from sdrt.runtime import Pipeline
 
         self.backend = backend
-        self.pipe = Pipeline.load(artifacts, backend=backend, precision=precision, threads=threads, scheduler=scheduler)
+        self.pipe = Pipeline.load(
+            artifacts, backend=backend, precision=precision, threads=threads, scheduler=scheduler,
+            controlnets=controlnets or None,
+        )  # fmt: skip
         self.lora_sets = [[(str(p), float(s)) for p, s in one] for one in (lora_sets or [])]
         self.calls = 0
         self.first_use: dict[int, float] = {}  # set index -> seconds its first call took to merge and open
@@ -92,8 +101,12 @@ class SdrtRunner:
     def hello(self) -> dict:
         return {"load_timings": self.pipe.load_timings, "graph_precisions": self.pipe.graph_precisions()}
 
-    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+    def __call__(self, prompts, height, width, steps, guidance, latents, control_image=None) -> RunTimes:
         index = self.calls % len(self.lora_sets) if self.lora_sets else None
+        control = {}
+        if self.pipe.controlnets:
+            n = len(self.pipe.controlnets)
+            control = {"control_image": control_image if n == 1 else [control_image] * n}
         self.calls += 1
         loras = self.lora_sets[index] if index is not None else None
         t0 = time.perf_counter()
@@ -105,6 +118,7 @@ class SdrtRunner:
             guidance_scale=guidance,
             latents=latents,
             loras=loras,
+            **control,
         )
         total = time.perf_counter() - t0
         t = r.timings
@@ -119,6 +133,7 @@ class SdrtRunner:
             t["scheduler_steps"],
             t.get("lora"),
             t.get("lora_cached"),
+            t.get("controlnet_calls", []),
         )
 
     def extra(self) -> dict:
@@ -141,9 +156,19 @@ class DiffusersRunner:
 
     DTYPES = {"fp32": "float32", "fp16": "float16"}
 
-    def __init__(self, source: Path, threads: int, scheduler: str | None, device: str = "cpu", dtype: str = "fp32"):
+    def __init__(
+        self,
+        source: Path,
+        threads: int,
+        scheduler: str | None,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        controlnets: list | None = None,
+    ):
+        """``controlnets``: ControlNetModel folders: the pipeline is then diffusers' ControlNet pipeline for the
+        model (AutoPipelineForText2Image with ``controlnet=``), each ControlNet's calls timed per step."""
         import torch
-        from diffusers import DiffusionPipeline
+        from diffusers import AutoPipelineForText2Image, ControlNetModel, DiffusionPipeline
 
         from sdrt.runtime.errors import InputError
 
@@ -156,7 +181,15 @@ class DiffusersRunner:
         self.torch, self.device, self.dtype = torch, device, dtype
         index = json.loads((Path(source) / "model_index.json").read_text())
         extra = {"safety_checker": None} if "safety_checker" in index else {}
-        self.pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, self.DTYPES[dtype]), **extra)
+        torch_dtype = getattr(torch, self.DTYPES[dtype])
+        self.controlnets = [ControlNetModel.from_pretrained(f, torch_dtype=torch_dtype) for f in controlnets or ()]
+        if self.controlnets:
+            net = self.controlnets[0] if len(self.controlnets) == 1 else self.controlnets
+            self.pipe = AutoPipelineForText2Image.from_pretrained(
+                source, torch_dtype=torch_dtype, controlnet=net, **extra
+            )
+        else:
+            self.pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **extra)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if scheduler:
@@ -169,6 +202,7 @@ class DiffusersRunner:
         self._calls: dict[str, list[float]] = {}
         encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
         timed = [("text_encoder", m) for m in encoders if m is not None] + [("unet", self.pipe.unet)]
+        timed += [("controlnet", m) for m in self.controlnets]
         for name, module in timed:
             module.register_forward_pre_hook(self._pre(name))
             module.register_forward_hook(self._post(name))
@@ -206,9 +240,16 @@ class DiffusersRunner:
 
         return hook
 
-    def __call__(self, prompts, height, width, steps, guidance, latents) -> RunTimes:
+    def __call__(self, prompts, height, width, steps, guidance, latents, control_image=None) -> RunTimes:
         self._calls = {}
         marks: list[float] = []
+        control = {}
+        if self.controlnets:
+            from PIL import Image
+
+            with Image.open(control_image) as opened:
+                image = opened.convert("RGB")
+            control = {"image": image if len(self.controlnets) == 1 else [image] * len(self.controlnets)}
 
         def on_step_end(pipe, i, t, kwargs):
             self._sync()
@@ -227,6 +268,7 @@ class DiffusersRunner:
                 latents=torch.from_numpy(latents).to(self.device, getattr(torch, self.DTYPES[self.dtype])),
                 output_type="np",
                 callback_on_step_end=on_step_end,
+                **control,
             )
         total = time.perf_counter() - t0
         unet = self._calls.get("unet", [])
@@ -236,9 +278,15 @@ class DiffusersRunner:
         walls = np.diff([first_start, *marks]).tolist() if marks else []
         if walls and unet:
             walls[0] = max(walls[0], unet[0])
+        n = len(self.controlnets)  # each step calls every ControlNet once, before its UNet call
+        control = self._calls.get("controlnet", [])
+        per_step = [sum(control[i : i + n]) for i in range(0, len(control), n)] if n else []
+        if walls and per_step:  # the first step starts at its first ControlNet call
+            walls[0] = max(walls[0], unet[0] + per_step[0])
         return RunTimes(
-            total, sum(self._calls.get("text_encoder", [])), sum(self._calls.get("vae_decoder", [])), unet, walls
-        )
+            total, sum(self._calls.get("text_encoder", [])), sum(self._calls.get("vae_decoder", [])), unet, walls,
+            control_calls=per_step,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.pipe = None
@@ -257,6 +305,7 @@ def make_runner(spec: dict):
             spec["threads"],
             spec["scheduler"],
             spec.get("lora_sets"),
+            spec.get("controlnets"),
         )
     if kind == "diffusers":
         return DiffusersRunner(
@@ -265,6 +314,7 @@ def make_runner(spec: dict):
             spec["scheduler"],
             spec.get("device", "cpu"),
             spec.get("dtype", "fp32"),
+            spec.get("controlnets"),
         )
     raise InputError(f"bench worker: expected implementation 'sdrt' or 'diffusers' in the spec, got {kind!r}")
 
@@ -314,7 +364,8 @@ def serve(spec: dict, requests: Iterable[str], out: TextIO, on_gpu: bool = False
         for line in requests:
             try:
                 r = json.loads(line)
-                times = runner(r["prompts"], r["height"], r["width"], r["steps"], r["guidance"], np.load(r["latents"]))
+                args = (r["prompts"], r["height"], r["width"], r["steps"], r["guidance"], np.load(r["latents"]))
+                times = runner(*args, **({"control_image": r["control_image"]} if r.get("control_image") else {}))
                 reply = {**asdict(times), "peak_rss_bytes": peak_rss()}
                 reply |= runner.extra() if hasattr(runner, "extra") else {}
                 if on_gpu:

@@ -170,10 +170,14 @@ class StepTimes:
 
     def into(self, timings: dict) -> None:
         prepare, unet, combine, step = (self.segments.get(k, []) for k in ("prepare", "unet", "guidance", "scheduler"))
+        control = self.segments.get("controlnet", [])
         timings["unet_calls"] = unet  # the UNet engine call of each step
         timings["scheduler_steps"] = step  # the scheduler's step (and inpainting's blend)
-        timings["step_overhead"] = [a + b + c for a, b, c in zip(prepare, combine, step)]  # all but the UNet
-        timings["unet_steps"] = [u + o for u, o in zip(unet, timings["step_overhead"])]  # each whole step
+        timings["step_overhead"] = [a + b + c for a, b, c in zip(prepare, combine, step)]  # all but the models
+        if control:  # the ControlNets' calls of each step (and their residuals' scaling and sum)
+            timings["controlnet_calls"] = control
+        whole = [u + o + c for u, o, c in zip(unet, timings["step_overhead"], control or [0.0] * len(unet))]
+        timings["unet_steps"] = whole  # each whole step
         timings["denoise"] = sum(timings["unet_steps"])
         timings["scheduler_and_guidance"] = sum(timings["step_overhead"])
 

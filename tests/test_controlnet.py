@@ -266,3 +266,40 @@ def test_sdrt_engines_builds_the_controlnets_cpu_engine(setup, control_images, t
         assert portable.controlnets[0].engine is None
         got, want = fast(**call).images, portable(**call).images
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+# diffusers' two processes (a torch import each) cost ~15 s: the default suite measures sdrt's own rows.
+@pytest.mark.parametrize("baseline", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bench_measures_controlnet_steps_beside_diffusers(baseline, setup, tmp_path):
+    """`sdrt bench --controlnets DIR`: sdrt and diffusers each run without and with the ControlNet in the same
+    rounds; the controlled rows carry the ControlNet's per-step time and the round-by-round ratio of a controlled
+    step to a plain one, and the report has a ControlNet table."""
+    from sdrt.benchmarks.bench import BenchConfig, run_benchmark
+    from sdrt.benchmarks.report import load_rows, markdown_table
+
+    artifacts, dirs, _ = setup
+    config = BenchConfig(
+        artifacts=artifacts, backends=("onnxruntime",), precisions=("fp32",), sizes=((64, 64),), steps=(2,), runs=2,
+        warmups=1, threads=1, results_dir=tmp_path, matmul_size=128, matmul_budget_s=0.02, controlnets=(dirs[0],),
+        baseline=baseline,
+    )  # fmt: skip
+    rows = run_benchmark(config, progress=lambda line: None)
+    by_name = {(r["implementation"], bool(r.get("controlnet"))): r for r in rows}
+    impls = ("sdrt", "diffusers") if baseline else ("sdrt",)
+    assert set(by_name) == {(impl, control) for impl in impls for control in (False, True)}
+    if baseline:
+        assert by_name["diffusers", True]["pipeline"] == "StableDiffusionControlNetPipeline"
+    for impl in impls:
+        plain_name = f"{impl} without ControlNet"
+        controlled, plain = by_name[impl, True], by_name[impl, False]
+        assert controlled["metrics"]["controlnet_step_ms"]["n"] == 4 and "controlnet_step_ms" not in plain["metrics"]
+        ratio = controlled["ratio_to"][plain_name]["step_wall"]
+        assert ratio["n"] == 2 and ratio["median"] > 1  # a step with a ControlNet call costs more than one without
+        assert controlled["controlnet"]["count"] == 1
+        # the whole step holds the ControlNet's and the UNet's calls
+        m = controlled["metrics"]
+        assert m["step_wall_ms"]["median"] >= m["unet_step_ms"]["median"] + 0.9 * m["controlnet_step_ms"]["median"]
+    (file,) = tmp_path.glob("*.jsonl")
+    table = markdown_table(load_rows([file]))
+    assert "ControlNet calls per step ms" in table and "onnxruntime · fp32 · 1 ControlNet" in table
+    assert not baseline or "diffusers/PyTorch · fp32 · 1 ControlNet" in table
