@@ -403,7 +403,8 @@ class BenchConfig:
     loras: tuple[tuple[str, float], ...] = ()
     lora_modes: tuple[str, ...] = LORA_MODES  # e.g. ("base", "switching"): fewer processes, less memory at once
     # ControlNet artifact directories (sdrt export --controlnet): every variant, and diffusers, is measured without
-    # and with them (each in its own process) on a control image at the case's size, in the same rounds.
+    # and with them (plain and controlled calls of one process, two rows) on a control image at the case's size,
+    # in the same rounds.
     controlnets: tuple[Path, ...] = ()
     prompt: str = "a photograph of an astronaut riding a horse"
     results_dir: Path = RESULTS_DIR
@@ -438,8 +439,9 @@ def plan(config: BenchConfig) -> tuple[list[Variant], list[tuple[Variant, str]]]
         except BackendError as e:
             unsupported.append((variant, str(e)))
         else:
-            for one in lora_variants(variant, config.loras, config.lora_modes):
-                runnable += [one, replace(one, controlnets=tuple(config.controlnets))] if config.controlnets else [one]
+            # with ControlNets, one process per variant serves its plain and its controlled calls (two rows)
+            runnable += [replace(one, controlnets=tuple(config.controlnets))
+                         for one in lora_variants(variant, config.loras, config.lora_modes)]  # fmt: skip
     return runnable, unsupported
 
 
@@ -485,15 +487,13 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
         for variant in variants:
             ours[variant] = _started(variant.start(threads, config.scheduler), progress)
         if config.baseline:
+            # with ControlNets, diffusers' ControlNet pipeline and the model's own pipeline on the same modules, in
+            # one process (two rows)
+            folders = tuple(Path(c["source"]) for c in controlnets)
             diffusers = start_diffusers(
-                source, threads, config.scheduler, config.baseline_device, config.baseline_dtype
+                source, threads, config.scheduler, config.baseline_device, config.baseline_dtype, folders
             )
             baselines.append(_started(diffusers, progress))
-            if controlnets:
-                folders = tuple(Path(c["source"]) for c in controlnets)
-                baselines.append(_started(start_diffusers(
-                    source, threads, config.scheduler, config.baseline_device, config.baseline_dtype, folders
-                ), progress))  # fmt: skip
         if config.optimum_folder:
             baselines.append(_started(start_optimum(config.optimum_folder, config.optimum_python, threads), progress))
         rows = []
@@ -604,49 +604,84 @@ def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker],
         return _measure_rounds(ctx, ours, baselines, case, args, shape, progress)
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One row's runs: a worker, with or without the control image. A worker with ControlNets serves two lanes, its
+    plain calls and its controlled ones, so a ControlNet step is compared with plain steps of the same process."""
+
+    name: str
+    worker: Worker
+    control: bool = False
+    variant: Variant | None = None  # an sdrt lane's configuration (without ControlNets for a plain lane)
+
+
+def _lanes(ours: dict[Variant, Worker], baselines: list[Worker]) -> list[Lane]:
+    lanes = []
+    for variant, w in ours.items():
+        if variant.controlnets:
+            plain = replace(variant, controlnets=())
+            lanes.append(Lane(plain.name, w, False, plain))
+        lanes.append(Lane(w.name, w, bool(variant.controlnets), variant))
+    for b in baselines:
+        if b.name == "diffusers controlnet":
+            lanes.append(Lane("diffusers", b))
+        lanes.append(Lane(b.name, b, b.name == "diffusers controlnet"))
+    return lanes
+
+
 def _measure_rounds(ctx: Context, ours, baselines, case: Case, args: tuple, shape: tuple, progress) -> list[dict]:
     config = ctx.config
     label = f"batch {case.batch} {case.height}x{case.width} {case.steps} steps"
-    workers = [*ours.values(), *baselines]
+    lanes = _lanes(ours, baselines)
+    plain_args = (*args[:6], None)
     warm = {}
-    for w in workers:
-        progress(f"{label}: warming up {w.name}")
-        warm[w.name] = warm_up(lambda w=w: w.run(case, args), config.warmups)
-    # Interleaved rounds: each sdrt variant once, then each baseline once, so every sdrt run has a
+    for lane in lanes:
+        progress(f"{label}: warming up {lane.name}")
+        run = lambda lane=lane: lane.worker.run(case, args if lane.control else plain_args)  # noqa: E731
+        warm[lane.name] = warm_up(run, config.warmups)
+    # Interleaved rounds: each sdrt lane once, then each baseline once, so every sdrt run has a
     # baseline run of the same round to pair with and noise that hits a round cancels in its ratios.
-    runs: dict[str, list[RunTimes]] = {w.name: [] for w in workers}
+    runs: dict[str, list[RunTimes]] = {lane.name: [] for lane in lanes}
     for i in range(config.runs):
-        for w in workers:
-            runs[w.name].append(w.run(case, args))
+        for lane in lanes:
+            runs[lane.name].append(lane.worker.run(case, args if lane.control else plain_args))
         times = ", ".join(f"{name} {r[-1].total:.2f} s" for name, r in runs.items())
         progress(f"{label}: run {i + 1}/{config.runs}: {times}")
     common = _common(ctx, case, shape)
+    base_lanes = [lane for lane in lanes if lane.variant is None]
     rows = []
-    for variant, w in ours.items():
-        row = _row(ctx, common, w, warm[w.name], runs[w.name], case) | _sdrt_fields(ctx, variant, w)
-        if baselines:
-            row["ratio_to"] = {b.name: ratios(runs[w.name], runs[b.name]) for b in baselines}
+    for lane in lanes:
+        if lane.variant is None:
+            continue
+        variant, w = lane.variant, lane.worker
+        row = _row(ctx, common, w, warm[lane.name], runs[lane.name], case) | _sdrt_fields(ctx, variant, w)
+        if base_lanes:
+            row["ratio_to"] = {b.name: ratios(runs[lane.name], runs[b.name]) for b in base_lanes}
         if variant.lora_mode not in ("", "base"):  # against the same variant without adapters, round by round
-            base = ours.get(replace(variant, lora_sets=(), lora_mode="base"))
-            if base is not None:
-                row.setdefault("ratio_to", {})["sdrt without LoRA"] = ratios(runs[w.name], runs[base.name])
-        if variant.controlnets:  # against the same variant without ControlNets, round by round
-            plain = ours.get(replace(variant, controlnets=()))
-            if plain is not None:
-                row.setdefault("ratio_to", {})["sdrt without ControlNet"] = ratios(runs[w.name], runs[plain.name])
+            base = replace(variant, lora_sets=(), lora_mode="base").name
+            if base in runs:
+                row.setdefault("ratio_to", {})["sdrt without LoRA"] = ratios(runs[lane.name], runs[base])
+        if lane.control:  # against the same process's calls without a control image, round by round
+            plain = replace(variant, controlnets=()).name
+            row.setdefault("ratio_to", {})["sdrt without ControlNet"] = ratios(runs[lane.name], runs[plain])
             row["controlnet"] = _controlnet_fields(ctx)
+        elif w.name != lane.name:  # the plain calls of a process that has ControlNets loaded
+            row["controlnets_loaded"] = len(ctx.controlnets)
         rows.append(row)
-    for b in baselines:
+    for lane in base_lanes:
+        b = lane.worker
         backend = "pytorch" if b.name.startswith("diffusers") else "onnxruntime"
         dtype = b.hello.get("dtype", "fp32")
         fields = {"backend": backend, "precision": dtype, "compute_precision": dtype, "graph_precision": dtype}
-        fields["pipeline"] = b.hello.get("pipeline")  # the diffusers class (optimum's worker names none)
+        # the diffusers class (optimum's worker names none)
+        fields["pipeline"] = b.hello.get("pipeline" if lane.control or lane.name == b.name else "base_pipeline")
         device = ctx.device if b.hello.get("device", "cpu") != "cpu" else _cpu_device()
-        row = _row(ctx, common, b, warm[b.name], runs[b.name], case) | fields | {"device": device}
-        if b.name == "diffusers controlnet":
+        row = _row(ctx, common, b, warm[lane.name], runs[lane.name], case) | fields | {"device": device}
+        if lane.control:
             row["controlnet"] = _controlnet_fields(ctx)
-            if "diffusers" in runs:
-                row["ratio_to"] = {"diffusers without ControlNet": ratios(runs[b.name], runs["diffusers"])}
+            row["ratio_to"] = {"diffusers without ControlNet": ratios(runs[lane.name], runs["diffusers"])}
+        elif b.name != lane.name:
+            row["controlnets_loaded"] = len(ctx.controlnets)
         rows.append(row)
     return rows
 

@@ -119,7 +119,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="DIR",
         help="run: ControlNet artifact directories (sdrt export --controlnet): every sdrt variant and diffusers run "
-        "without and with them, each in its own process, in the same rounds, on a control image of the case's size; "
+        "without and with them (plain and controlled calls of one process), in the same rounds, on a control image of "
+        "the case's size; "
         "the rows give a ControlNet step's cost relative to a plain step (the model needs --controlnet-unet)",
     )
     p.add_argument(

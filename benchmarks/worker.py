@@ -217,9 +217,14 @@ class DiffusersRunner:
             return out
 
         self.pipe.vae.decode = timed_decode
+        # With ControlNets, calls without a control image run the model's own pipeline on the same modules (the
+        # plain steps a ControlNet step is compared with, in this process).
+        self.base = AutoPipelineForText2Image.from_pipe(self.pipe, controlnet=None) if self.controlnets else self.pipe
+        self.base.set_progress_bar_config(disable=True)
 
     def hello(self) -> dict:
-        return {"pipeline": type(self.pipe).__name__, "device": self.device, "dtype": self.dtype}
+        return {"pipeline": type(self.pipe).__name__, "base_pipeline": type(self.base).__name__, "device": self.device,
+                "dtype": self.dtype}  # fmt: skip
 
     def _sync(self) -> None:
         """On a GPU, wait for the queued kernels, so a hook's time is the work's and not its launch."""
@@ -243,13 +248,14 @@ class DiffusersRunner:
     def __call__(self, prompts, height, width, steps, guidance, latents, control_image=None) -> RunTimes:
         self._calls = {}
         marks: list[float] = []
-        control = {}
-        if self.controlnets:
+        control, pipe = {}, self.base
+        if self.controlnets and control_image:
             from PIL import Image
 
             with Image.open(control_image) as opened:
                 image = opened.convert("RGB")
             control = {"image": image if len(self.controlnets) == 1 else [image] * len(self.controlnets)}
+            pipe = self.pipe
 
         def on_step_end(pipe, i, t, kwargs):
             self._sync()
@@ -259,7 +265,7 @@ class DiffusersRunner:
         torch = self.torch
         t0 = time.perf_counter()
         with torch.no_grad():
-            self.pipe(
+            pipe(
                 prompts,
                 height=height,
                 width=width,
@@ -278,7 +284,7 @@ class DiffusersRunner:
         walls = np.diff([first_start, *marks]).tolist() if marks else []
         if walls and unet:
             walls[0] = max(walls[0], unet[0])
-        n = len(self.controlnets)  # each step calls every ControlNet once, before its UNet call
+        n = len(self.controlnets) if control else 0  # each step calls every ControlNet once, before its UNet
         control = self._calls.get("controlnet", [])
         per_step = [sum(control[i : i + n]) for i in range(0, len(control), n)] if n else []
         if walls and per_step:  # the first step starts at its first ControlNet call

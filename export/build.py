@@ -276,8 +276,9 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
         import torch
 
         args = tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs)
+        part = pipe.parts[lora_map.WEIGHTS_OF.get(name, name)]
         lora_targets, lora_summary = lora_map.lora_targets(
-            pipe.parts[name], path, lambda: lora_map.unreachable_modules(pipe.parts[name], module, args)
+            part, path, lambda: lora_map.unreachable_modules(part, module, args)
         )
         unused = f", {lora_summary['unused']} no output depends on" if lora_summary.get("unused") else ""
         log.info(

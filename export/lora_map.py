@@ -25,8 +25,10 @@ from sdrt.runtime.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# The components a LoRA adapts: the UNet and the text encoders (never the VAE).
-ADAPTABLE = ("unet", "text_encoder", "text_encoder_2")
+# The components a LoRA adapts: the UNet and the text encoders (never the VAE), and the UNet that takes ControlNet
+# residuals, whose weights are the UNet's (WEIGHTS_OF).
+ADAPTABLE = ("unet", "text_encoder", "text_encoder_2", "unet_control")
+WEIGHTS_OF = {"unet_control": "unet"}  # a graph -> the model part whose weights it holds, where the names differ
 
 
 def _digest(array: np.ndarray) -> bytes:

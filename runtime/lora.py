@@ -663,13 +663,19 @@ class AdapterSessions:
 
     ``open(component, weights)`` opens one session with replaced initializers (the pipeline's backend)."""
 
-    def __init__(self, root: Path, manifest, open_session, limits: LoraLimits = LoraLimits()):
+    # Graphs that hold another component's weights (the UNet taking ControlNet residuals holds the UNet's): a file's
+    # layers for that component adapt them too.
+    SHARES_WEIGHTS = {"unet_control": "unet"}
+
+    def __init__(self, root: Path, manifest, open_session, limits: LoraLimits = LoraLimits(), components=None):
+        """``components``: the components the pipeline opened (default: all of the manifest's); only those are
+        adapted, so a model's ``unet_control`` gets adapter sessions only where ControlNets are loaded."""
         self.root, self.manifest, self.limits = Path(root), manifest, limits
         self._open = open_session
         self.targets: dict[str, dict[str, Target]] = {
             name: {m: Target.from_dict(t) for m, t in c.lora_targets.items()}
             for name, c in manifest.components.items()
-            if c.lora_targets
+            if c.lora_targets and (components is None or name in components)
         }
         self._resolved: dict[str, dict[str, dict[str, Layer]]] = {}  # sha256 -> component -> module -> layer
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
@@ -687,6 +693,10 @@ class AdapterSessions:
             cached = adapters.key in self._cache
         if not cached:
             self._check_memory(per_component)
+
+    def adapted(self, adapters: AdapterSet) -> set[str]:
+        """The components whose sessions ``adapters`` changes."""
+        return set(self._per_component(adapters)) if adapters.items else set()
 
     def _per_component(self, adapters: AdapterSet) -> dict[str, list[tuple[dict[str, Layer], float]]]:
         """component -> [(layers, scale)] of the modules the set changes (those no output depends on left out)."""
@@ -721,7 +731,11 @@ class AdapterSessions:
                     "graphs, or a folder from another exporter): re-export with `sdrt export`, or fuse the adapter "
                     "with `sdrt export --lora`"
                 )
-            done = resolve(lora, self.targets)
+            files = {c: t for c, t in self.targets.items() if c not in self.SHARES_WEIGHTS}
+            done = resolve(lora, files)
+            for graph, part in self.SHARES_WEIGHTS.items():  # the same modules, by the same names, in another graph
+                if part in done and graph in self.targets:
+                    done[graph] = {m: layer for m, layer in done[part].items() if m in self.targets[graph]}
             with self._lock:
                 self._resolved[lora.sha256] = done
         return done

@@ -213,7 +213,9 @@ class Pipeline:
         # LoRA adapters: files by registered name (register_lora) or path, and sessions per adapter set.
         self.loras = lora.Registry(lora_limits or lora.LoraLimits())
         self.lora_paths = True  # a call may name adapter files by path (sdrt serve turns this off)
-        self.adapters = lora.AdapterSessions(root, manifest, open_adapted or self._no_adapted, self.loras.limits)
+        self.adapters = lora.AdapterSessions(
+            root, manifest, open_adapted or self._no_adapted, self.loras.limits, components=set(sessions)
+        )
         self._last_adapters: tuple = ()
         self.adapter_switches = 0
         self.controlnets: list[Session] = []  # ControlNet sessions (Pipeline.load(controlnets=...)), in order
@@ -480,6 +482,13 @@ class Pipeline:
             len(self.controlnets), a, request.batch, request.images_per_prompt, request.guided, request.height,
             request.width, self.dims.vae_scale_factor, request.task,
         )  # fmt: skip
+        if job.control is not None and adapters.items:
+            changed = self.adapters.adapted(adapters)
+            if "unet" in changed and "unet_control" not in changed:  # it would run the UNet without the adapters
+                raise lora.LoraError(
+                    f"loras: the UNet taking ControlNet residuals (unet_control) in {self.root} has no LoRA map "
+                    "(exported before sdrt recorded one): re-export the model with `sdrt export --controlnet-unet`"
+                )
         return job
 
     def _execute(self, jobs: list[_Job]) -> list[GenerationResult | SdrtError]:

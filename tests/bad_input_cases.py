@@ -39,6 +39,7 @@ class CallCase:
     before: str = ""  # what this input did before the runtime checked it (the issue's findings), for the table
     lora_limits: dict = field(default_factory=dict)  # LoraLimits fields other than the defaults, for this call
     available_bytes: int | None = None  # the memory the machine has available now, as this call sees it
+    controlnets: int = 0  # the ControlNets the pipeline is loaded with (the tiny model's, that many times)
 
 
 def _latents(fill: float = 0.0, shape=LATENT, dtype=np.float32) -> np.ndarray:
@@ -176,6 +177,52 @@ CALL_CASES = [
     CallCase("loras='style' (not a list)", dict(loras="style"), LoraError, "loras: expected a list"),
     CallCase("lora named twice", dict(loras=[("{tmp}/ok.safetensors", 1.0), ("{tmp}/ok.safetensors", 0.5)]),
              LoraError, "is the same file as an adapter named before it"),
+    # -- ControlNet (a pipeline loaded with `controlnets` of the tiny model's ControlNet) ----------
+    CallCase("control_image, pipeline loaded without a ControlNet", dict(control_image=_image(), guess_mode=True),
+             InputError, "control_image, guess_mode: this pipeline was loaded without a ControlNet"),
+    CallCase("1 control image for 2 ControlNets", dict(control_image=_image()), InputError,
+             "control_image: expected one image per ControlNet (2), got 1", controlnets=2),
+    CallCase("3 control images for 2 ControlNets", dict(control_image=[_image()] * 3), InputError,
+             "control_image: expected one image per ControlNet (2), got 3", controlnets=2),
+    CallCase("2 control images for 1 prompt and 1 ControlNet", dict(control_image=[_image(), _image()]), InputError,
+             "control_image: expected 1 image or one per prompt (1), got 2", controlnets=1),
+    CallCase("ControlNet arguments without control_image", dict(controlnet_conditioning_scale=0.5), InputError,
+             "control_image: expected one image per ControlNet (1) with controlnet_conditioning_scale, got none",
+             controlnets=1),
+    CallCase("controlnet_conditioning_scale=nan", dict(control_image=_image(), controlnet_conditioning_scale=NAN),
+             InputError, "controlnet_conditioning_scale[0]: expected a finite number >= 0, got nan", controlnets=1),
+    CallCase("controlnet_conditioning_scale=inf", dict(control_image=_image(), controlnet_conditioning_scale=INF),
+             InputError, "controlnet_conditioning_scale[0]: expected a finite number >= 0, got inf", controlnets=1),
+    CallCase("controlnet_conditioning_scale=-1", dict(control_image=_image(), controlnet_conditioning_scale=-1.0),
+             InputError, "controlnet_conditioning_scale[0]: expected a finite number >= 0, got -1.0", controlnets=1),
+    CallCase("2 scales for 1 ControlNet", dict(control_image=_image(), controlnet_conditioning_scale=[1.0, 0.5]),
+             InputError, "controlnet_conditioning_scale: expected one value per ControlNet (1), got 2", controlnets=1),
+    CallCase("controlnet_conditioning_scale='1'", dict(control_image=_image(), controlnet_conditioning_scale="1"),
+             InputError, "controlnet_conditioning_scale[0]: expected a number, got str", controlnets=1),
+    CallCase("control_guidance_start >= control_guidance_end",
+             dict(control_image=_image(), control_guidance_start=0.8, control_guidance_end=0.2), InputError,
+             "control_guidance_start[0]: expected less than control_guidance_end (0.2), got 0.8", controlnets=1),
+    CallCase("control_guidance_end=1.5", dict(control_image=_image(), control_guidance_end=1.5), InputError,
+             "control_guidance_end[0]: expected a finite number in [0, 1], got 1.5", controlnets=1),
+    CallCase("control_guidance_start=nan", dict(control_image=_image(), control_guidance_start=NAN), InputError,
+             "control_guidance_start[0]: expected a finite number in [0, 1], got nan", controlnets=1),
+    CallCase("guess_mode='yes'", dict(control_image=_image(), guess_mode="yes"), InputError,
+             "guess_mode: expected True or False, got str", controlnets=1),
+    CallCase("control_image with NaN", dict(control_image=_nan_image()), InputError,
+             "control_image: expected finite values", controlnets=1),
+    CallCase("control_image float values > 1", dict(control_image=_image(2.0)), InputError,
+             "control_image: expected float values in [0, 1]", controlnets=1),
+    CallCase("control_image with 5 channels", dict(control_image=np.zeros((64, 64, 5), np.float32)), InputError,
+             "control_image: expected", controlnets=1),
+    CallCase("control_image path not an image", dict(control_image="{tmp}/not-an-image.png"), InputError,
+             "control_image: expected a readable image file", controlnets=1),
+    CallCase("control_image=123", dict(control_image=123), InputError, "control_image: expected a PIL image, a path",
+             controlnets=1),
+    CallCase("control_image of 20000x20000 (the output takes its size)",
+             dict(control_image=np.broadcast_to(np.float32(0.5), (20000, 20000, 3))), BudgetError, "pixels per call",
+             controlnets=1),
+    CallCase("control_image[1] with NaN (2 ControlNets)", dict(control_image=[_image(), _nan_image()]), InputError,
+             "control_image[1]: expected finite values", controlnets=2),
 ]
 # fmt: on
 
@@ -204,7 +251,36 @@ ARTIFACT_CASES = [
     ArtifactCase("tokenizer missing", ArtifactError, "tokenizer"),
     ArtifactCase("backend='nope'", InputError, "backend: expected one of", {"backend": "nope"}),
     ArtifactCase("bf16 on onnxruntime's CPU provider", BackendError, "precision", {"precision": "bf16"}),
+    # ControlNets (the tiny model's, loaded with `controlnets=[its directory]`), each faulted in a copy
+    ArtifactCase(
+        "controlnet for another family (sdxl)",
+        ArtifactError,
+        "controlnets[0] (<cn>): expected a ControlNet for the model's family 'sd1', got one for 'sdxl'",
+    ),
+    ArtifactCase(
+        "controlnet for other UNet blocks",
+        ArtifactError,
+        "controlnets[0] (<cn>): unet_block_channels of the model is [32, 64], of the ControlNet [320, 640]: "
+        "they do not fit",
+    ),
+    ArtifactCase(
+        "controlnet for another text width",
+        ArtifactError,
+        "cross_attention_dim of the model is 32, of the ControlNet 768",
+    ),
+    ArtifactCase(
+        "controlnet directory without controlnet.json",
+        ArtifactError,
+        "controlnet: expected <cn>/controlnet.json, found none",
+    ),
+    ArtifactCase("controlnet graph changed (hash)", ArtifactError, "sha256"),
+    ArtifactCase(
+        "controlnets, model exported without unet_control",
+        ArtifactError,
+        "controlnets: expected the model's UNet that takes ControlNet residuals (unet_control)",
+    ),
 ]
+CONTROLNET_ARTIFACT_CASES = {c.id for c in ARTIFACT_CASES if "controlnet" in c.id}
 
 
 def call_kwargs(case: CallCase, tmp) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_input_cases import ARTIFACT_CASES, CALL_CASES, call_kwargs, make_scratch
+from bad_input_cases import ARTIFACT_CASES, CALL_CASES, CONTROLNET_ARTIFACT_CASES, call_kwargs, make_scratch
 
 from sdrt.runtime import Pipeline, validation
 from sdrt.runtime.errors import SdrtError
@@ -42,11 +42,21 @@ class CountingSession:
 
 
 @pytest.fixture(scope="module")
-def counted(tiny_artifacts):
+def counted(tiny_artifacts, controlnet_artifacts):
+    """The tiny model without ControlNets (0) and with its ControlNet loaded once (1) and twice (2), every session
+    (ControlNets' too) counting its runs in one counter."""
+    from contextlib import ExitStack
+
     runs = [0]
-    with Pipeline.load(tiny_artifacts) as pipe:
-        pipe.sessions = {k: CountingSession(v, runs) for k, v in pipe.sessions.items()}
-        yield pipe, runs
+    artifacts, _, controlnet = controlnet_artifacts("tiny")
+    with ExitStack() as stack:
+        pipes = {0: stack.enter_context(Pipeline.load(tiny_artifacts))}
+        for n in (1, 2):
+            pipes[n] = stack.enter_context(Pipeline.load(artifacts, controlnets=[controlnet] * n))
+        for pipe in pipes.values():
+            pipe.sessions = {k: CountingSession(v, runs) for k, v in pipe.sessions.items()}
+            pipe.controlnets = [CountingSession(s, runs) for s in pipe.controlnets]
+        yield pipes, runs
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +76,8 @@ def write_table():
 
 @pytest.mark.parametrize("case", CALL_CASES, ids=[c.id for c in CALL_CASES])
 def test_bad_call_is_refused_before_any_work(case, counted, scratch, monkeypatch):
-    pipe, runs = counted
+    pipes, runs = counted
+    pipe = pipes[case.controlnets]
     kwargs = call_kwargs(case, scratch)
     before = runs[0]
     if case.lora_limits:
@@ -95,7 +106,7 @@ def test_bad_call_is_refused_before_any_work(case, counted, scratch, monkeypatch
 
 def test_pipeline_still_serves_after_every_refusal(counted, runtime_pipeline):
     """The same pipeline object that refused every bad call above still returns the right image."""
-    pipe, _ = counted
+    pipe = counted[0][0]
     got = pipe("a photo", num_inference_steps=2, seed=3).images
     want = runtime_pipeline("a photo", num_inference_steps=2, seed=3).images
     np.testing.assert_array_equal(got, want)
@@ -154,6 +165,33 @@ def _escape(root: Path) -> None:
     _rerecord(root, "onnx/unet.onnx", "../unet.onnx")
 
 
+def _edit_controlnet(**dims):
+    def fault(root: Path, controlnet: Path) -> None:
+        path = controlnet / "controlnet.json"
+        data = json.loads(path.read_text())
+        changed = {k: v for k, v in dims.items() if k != "family"}
+        data.update(family=dims.get("family", data["family"]), dims={**data["dims"], **changed})
+        path.write_text(json.dumps(data))
+
+    return fault
+
+
+def _without_unet_control(root: Path, controlnet: Path) -> None:
+    data = _manifest(root)
+    del data["components"]["unet_control"]
+    _save_manifest(root, data)
+
+
+CONTROLNET_FAULTS = {
+    "controlnet for another family (sdxl)": _edit_controlnet(family="sdxl"),
+    "controlnet for other UNet blocks": _edit_controlnet(unet_block_channels=[320, 640]),
+    "controlnet for another text width": _edit_controlnet(cross_attention_dim=768),
+    "controlnet directory without controlnet.json": lambda root, cn: (cn / "controlnet.json").unlink(),
+    "controlnet graph changed (hash)": lambda root, cn: (cn / "onnx" / "controlnet.onnx").open("r+b").write(b"\0" * 64),
+    "controlnets, model exported without unet_control": _without_unet_control,
+}
+
+
 def _edit(**changes):
     def fault(root: Path) -> None:
         data = _manifest(root)
@@ -182,14 +220,22 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("case", ARTIFACT_CASES, ids=[c.id for c in ARTIFACT_CASES])
-def test_damaged_artifacts_are_refused(case, tiny_artifacts, tmp_path):
-    root = tmp_path / "artifacts"
-    shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("engines"))
-    FAULTS[case.id](root)
+def test_damaged_artifacts_are_refused(case, tiny_artifacts, controlnet_artifacts, tmp_path):
+    root, controlnet = tmp_path / "artifacts", tmp_path / "controlnet"
+    load = dict(case.load)
+    if case.id in CONTROLNET_ARTIFACT_CASES:  # the model with unet_control and its ControlNet, one of them faulted
+        model, _, exported = controlnet_artifacts("tiny")
+        shutil.copytree(model, root, ignore=shutil.ignore_patterns("engines"))
+        shutil.copytree(exported, controlnet)
+        CONTROLNET_FAULTS[case.id](root, controlnet)
+        load["controlnets"] = [controlnet]
+    else:
+        shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("engines"))
+        FAULTS[case.id](root)
     tracemalloc.start()
     try:
         with pytest.raises(SdrtError) as info:
-            Pipeline.load(root, **case.load).close()
+            Pipeline.load(root, **load).close()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -197,7 +243,8 @@ def test_damaged_artifacts_are_refused(case, tiny_artifacts, tmp_path):
     message = str(info.value)
     assert case.says in message, message
     assert peak < ALLOCATION_LIMIT, f"{case.id}: {peak / 2**20:.1f} MiB allocated before refusing"
-    RESULTS[case.id] = (f"artifacts: {case.id}", type(info.value).__name__, message.replace(str(tmp_path), "<tmp>"))
+    message = message.replace(str(controlnet), "<cn>").replace(str(tmp_path), "<tmp>")
+    RESULTS[case.id] = (f"artifacts: {case.id}", type(info.value).__name__, message)
 
 
 def test_the_table_in_docs_lists_every_case():
@@ -209,7 +256,7 @@ def test_the_table_in_docs_lists_every_case():
 
 
 def test_every_case_has_a_fault():
-    assert sorted(FAULTS) == sorted(c.id for c in ARTIFACT_CASES)
+    assert sorted([*FAULTS, *CONTROLNET_FAULTS]) == sorted(c.id for c in ARTIFACT_CASES)
 
 
 def _table() -> str:

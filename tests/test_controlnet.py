@@ -76,7 +76,7 @@ def _close(got, want, base, region=None):
     assert diff <= 1, f"max difference {diff}/255 from diffusers"
     moved = np.abs(want.astype(int) - base.astype(int))
     moved = moved[:, region] if region is not None else moved
-    assert moved.mean() > 3, f"the ControlNet moved pixels by only {moved.mean():.1f} on average"
+    assert moved.mean() > 3, f"moved pixels by only {moved.mean():.1f} on average"
 
 
 LATENTS = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -148,6 +148,20 @@ def test_output_takes_the_control_images_size(setup, pipe, control_images):
     got = pipe(prompt=CALL["prompt"], num_inference_steps=2, control_image=control_images[0], seed=2).images
     assert got.shape == want.shape == (1, 80, 96, 3)
     assert np.abs(got.astype(int) - _uint8(want).astype(int)).max() <= 1
+
+
+def test_lora_adapts_the_unet_that_takes_the_residuals(setup, pipe, control_images, tmp_path):
+    """A LoRA in a controlled call adapts unet_control as diffusers' ControlNet pipeline with the LoRA loaded."""
+    from lora_files import diffusers_images, make_lora
+
+    ref = setup[2]["one"]
+    path = make_lora(ref, tmp_path / "style.safetensors", seed=4)
+    call = dict(CALL, controlnet_conditioning_scale=0.8)
+    want = diffusers_images(ref, [(path, 0.9)], LATENTS, image=control_images[0], **call)
+    base = diffusers_images(ref, [], LATENTS, image=control_images[0], **call)  # the ControlNet without the LoRA
+    got = pipe(**call, control_image=control_images[0], latents=LATENTS, loras=[(str(path), 0.9)]).images
+    _close(got, want, base)
+    assert {"unet", "unet_control"} <= pipe.adapters.adapted(pipe.loras.adapter_set([(str(path), 0.9)]))
 
 
 def test_sdxl_controlnet_matches_diffusers(controlnet_artifacts, family_models, control_images):

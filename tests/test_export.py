@@ -111,11 +111,12 @@ def test_other_schema_version_is_refused(tiny_artifacts, tmp_path):
 def test_interrupted_build_leaves_nothing(tiny_model, tiny_artifacts, tmp_path, monkeypatch):
     real = build._export_component
     calls = []
+    fail_at = [2]
 
     def export_then_fail(pipe, name, root, options):
         calls.append(name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second component
+        if len(calls) == fail_at[0]:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during this component
         return real(pipe, name, root, options)
 
     monkeypatch.setattr(build, "_export_component", export_then_fail)
@@ -128,6 +129,7 @@ def test_interrupted_build_leaves_nothing(tiny_model, tiny_artifacts, tmp_path, 
     # over existing artifacts: --force that fails keeps the old, complete directory untouched
     before = {p.relative_to(tiny_artifacts): p.read_bytes() for p in tiny_artifacts.rglob("*") if p.is_file()}
     calls.clear()
+    fail_at[0] = 1  # the new directory is already begun (the interrupted one above had a finished component)
     with pytest.raises(KeyboardInterrupt):
         export_pipeline(str(tiny_model), tiny_artifacts, force=True)
     after = {p.relative_to(tiny_artifacts): p.read_bytes() for p in tiny_artifacts.rglob("*") if p.is_file()}
