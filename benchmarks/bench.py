@@ -530,7 +530,7 @@ def _check_controlnets(config: BenchConfig, manifests: dict[Path, Manifest]) -> 
                 "none (it is diffusers' baseline; pass --no-baseline, or re-export from a local folder)"
             )
         out.append({"path": str(folder), "source": str(source), "family": cn.family,
-                    "parameters_bytes": sum(f.bytes for f in cn.component.files)})  # fmt: skip
+                    "parameters_bytes": sum(f.bytes for g in cn.graphs for f in g.files)})  # fmt: skip
     return out
 
 

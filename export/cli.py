@@ -289,9 +289,9 @@ def _engines(args: argparse.Namespace) -> int:
     for folder in args.controlnet:
         from sdrt.runtime.controlnet import ControlNetManifest
 
-        cn = ControlNetManifest.load(folder)
-        for tensor, (lo, opt, hi) in input_profile(cn.component, manifest, ranges).items():
-            print(f"  {'controlnet':13s} {tensor:22s} min {lo}  opt {opt}  max {hi}")
+        for graph in ControlNetManifest.load(folder).graphs:
+            for tensor, (lo, opt, hi) in input_profile(graph, manifest, ranges).items():
+                print(f"  {graph.name:13s} {tensor:22s} min {lo}  opt {opt}  max {hi}")
     try:
         device = current_device()
     except BackendError as e:

@@ -103,35 +103,14 @@ def export_controlnet(
     from diffusers import ControlNetModel
 
     model = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=not allow_pickle or None)
-    spec = control_specs(dims)["controlnet"]
-    module = control_module(spec, model)
+    specs = control_specs(dims)
     rng, m = np.random.default_rng(0), dims.latent_multiple
-    trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng, dims.vocab_size)
-    trace["controlnet_cond"] = rng.uniform(0, 1, trace["controlnet_cond"].shape).astype(np.float32)
     with atomic_directory(out_dir) as tmp:
-        path = tmp / "onnx" / "controlnet.onnx"
-        t0 = time.perf_counter()
-        log.info("controlnet (%s, %d residuals): exporting to ONNX (opset %d)", family, len(spec.outputs), opset)
-        export_onnx(spec, module, trace, path, opset)
-        steps = [{"step": "export", "seconds": time.perf_counter() - t0}, graph.slim(path)]
-        verification = {}
-        if verify:
-            other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng, dims.vocab_size)
-            other["controlnet_cond"] = rng.uniform(0, 1, other["controlnet_cond"].shape).astype(np.float32)
-            verification = verify_onnx(spec, module, path, [trace, other])
-            log.info(
-                "    verify: max abs error %.2e, PSNR %.1f dB", verification["max_abs_error"], verification["psnr_db"]
-            )
-        component = Component(
-            name="controlnet",
-            files=[FileRecord.of(tmp, f) for f in graph.graph_files(path)],
-            opset=opset,
-            precision="fp32",
-            inputs=list(spec.inputs),
-            outputs=list(spec.outputs),
-            verification=verification,
-            optimization={"steps": steps},
-        )
+        # the conditioning embedding (once per call) and the rest (every step): two graphs
+        components = {
+            name: _export_graph(specs[name], control_module(specs[name], model), dims, rng, m, tmp, opset, verify)
+            for name in ("controlnet_embedding", "controlnet")
+        }
         fingerprint = hashlib.sha256()
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
             fingerprint.update(f"{f.name}\0{sha256_file(f)}\n".encode())
@@ -144,9 +123,41 @@ def export_controlnet(
             family=family,
             dims=fit_dims(dims),
             conditioning_channels=conditioning,
-            component=component,
+            component=components["controlnet"],
+            embedding=components["controlnet_embedding"],
             build={"versions": versions, "seconds": time.perf_counter() - started},
         )
         manifest.save(tmp)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - started)
     return manifest
+
+
+def _export_graph(spec, module, dims: ModelDims, rng, m: int, root: Path, opset: int, verify: bool) -> Component:
+    """One of the ControlNet's graphs: exported at one shape, checked against PyTorch at that and another."""
+
+    def feed(batch: int, lh: int, lw: int) -> dict[str, np.ndarray]:
+        x = spec.sample(sizes(dims, batch=batch, latent_height=lh, latent_width=lw), rng, dims.vocab_size)
+        if "controlnet_cond" in x:  # an image in [0, 1]
+            x["controlnet_cond"] = rng.uniform(0, 1, x["controlnet_cond"].shape).astype(np.float32)
+        return x
+
+    path = root / "onnx" / f"{spec.name}.onnx"
+    t0 = time.perf_counter()
+    log.info("%s (%d outputs): exporting to ONNX (opset %d)", spec.name, len(spec.outputs), opset)
+    trace = feed(2, 2 * m, 3 * m)
+    export_onnx(spec, module, trace, path, opset)
+    steps = [{"step": "export", "seconds": time.perf_counter() - t0}, graph.slim(path)]
+    verification = {}
+    if verify:
+        verification = verify_onnx(spec, module, path, [trace, feed(1, 3 * m, 2 * m)])
+        log.info("    verify: max abs error %.2e, PSNR %.1f dB", verification["max_abs_error"], verification["psnr_db"])
+    return Component(
+        name=spec.name,
+        files=[FileRecord.of(root, f) for f in graph.graph_files(path)],
+        opset=opset,
+        precision="fp32",
+        inputs=list(spec.inputs),
+        outputs=list(spec.outputs),
+        verification=verification,
+        optimization={"steps": steps},
+    )

@@ -109,7 +109,7 @@ def build_controlnet_engines(
     cn.check_fits(base, where=f"controlnet ({controlnet_root})")
     return build_cpu_engines(
         controlnet_root, force=force, threads=threads, fuse=fuse, lora_sources=False, manifest=base,
-        targets={cn.component.name: cn.component},
+        targets={c.name: c for c in cn.graphs},
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ transformers (custom code shipped in the folder) is refused rather than ignored.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -167,22 +168,31 @@ class UNetControl(UNet):
 
 
 class ControlNet(torch.nn.Module):
-    """Latents, timestep, text (and SDXL's pooled text and time ids), control image in [0, 1] -> the residuals
-    at conditioning scale 1 (the runtime scales them, as diffusers' ``conditioning_scale`` and guess mode do)."""
+    """Latents, timestep, text (and SDXL's pooled text and time ids), the control image's features (the
+    ``ControlNetEmbedding`` graph's output) -> the residuals at conditioning scale 1 (the runtime scales them, as
+    diffusers' ``conditioning_scale`` and guess mode do). The model runs as diffusers' ``forward`` with its
+    conditioning embedding taken out (the features go where the embedding's output went); its weights are shared,
+    not copied."""
 
     input_names: tuple[str, ...] = ()
 
     def __init__(self, controlnet):
         super().__init__()
-        self.controlnet = controlnet
+        body = copy.copy(controlnet)
+        body._modules = dict(controlnet._modules)  # its own module table: the original keeps its embedding
+        body.controlnet_cond_embedding = torch.nn.Identity()
+        self.controlnet = body
 
     def forward(self, *inputs):
         given = dict(zip(self.input_names, inputs))
+        features = given["controlnet_features"]
+        if _bgr(self.controlnet):  # diffusers' forward flips its control input's channels: here the features' (a
+            features = torch.flip(features, dims=[1])  # flip undone; ControlNetEmbedding flips the image's)
         down, mid = self.controlnet(
             given["sample"],
             given["timestep"],
             given["encoder_hidden_states"],
-            controlnet_cond=given["controlnet_cond"],
+            controlnet_cond=features,
             conditioning_scale=1.0,
             added_cond_kwargs=_added_conditions(given),
             return_dict=False,
@@ -190,10 +200,30 @@ class ControlNet(torch.nn.Module):
         return (*down, mid)
 
 
+class ControlNetEmbedding(torch.nn.Module):
+    """The control image in [0, 1] -> its features at the latents' size (ControlNet's conditioning embedding)."""
+
+    input_names: tuple[str, ...] = ()
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.embedding = controlnet.controlnet_cond_embedding
+
+        self.bgr = _bgr(controlnet)
+
+    def forward(self, *inputs):
+        return self.embedding(torch.flip(inputs[0], dims=[1]) if self.bgr else inputs[0])
+
+
+def _bgr(controlnet) -> bool:
+    return getattr(controlnet.config, "controlnet_conditioning_channel_order", "rgb") == "bgr"
+
+
 def control_module(spec, model: torch.nn.Module) -> torch.nn.Module:
-    """The export wrapper of a ControlNet component spec (``controlnet`` or ``unet_control``) around ``model``."""
-    cls = {"ControlNet": ControlNet, "UNetControl": UNetControl}[spec.wrapper]
-    return _named_inputs(cls, [t.name for t in spec.inputs])(model).eval()
+    """The export wrapper of a ControlNet component spec (``controlnet_embedding``, ``controlnet`` or
+    ``unet_control``) around ``model``."""
+    cls = {"ControlNet": ControlNet, "ControlNetEmbedding": ControlNetEmbedding, "UNetControl": UNetControl}
+    return _named_inputs(cls[spec.wrapper], [t.name for t in spec.inputs])(model).eval()
 
 
 class VaeDecoder(torch.nn.Module):

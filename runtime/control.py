@@ -1,9 +1,11 @@
 """ControlNet in the denoising loop, as diffusers' ControlNet pipelines run it.
 
-A call's control: one image per loaded ControlNet (in [0, 1], at the output size, its rows in the UNet's batch
-layout: repeated per image and doubled under guidance, or only the conditional half in guess mode), a
+A call's control: one image per loaded ControlNet (in [0, 1], at the output size, one row per generated image), a
 conditioning scale, and a window of the schedule (``control_guidance_start`` / ``_end``) outside which the
-ControlNet's residuals count zero. Per step each ControlNet runs on the step's latents and text; its residuals are
+ControlNet's residuals count zero. Each image's features (the ControlNet's conditioning embedding) are computed once
+per call, on those rows, and put in the UNet's batch layout: doubled under guidance, or only the conditional half in
+guess mode (diffusers runs the embedding at every step, on the doubled rows: the same numbers, computed again). Per
+step each ControlNet runs on the step's latents, text and features; its residuals are
 scaled (in guess mode by ``logspace(-1, 0)`` from the first residual to the mid block's, times the scale), several
 ControlNets' residuals are added in order, and the UNet that takes residuals (``unet_control``) runs with them.
 """
@@ -36,15 +38,26 @@ DEFAULT_SCALES = {"text-to-image": 1.0, "image-to-image": 0.8, "inpainting": 0.5
 class Control:
     """One call's control, checked."""
 
-    images: list[np.ndarray]  # per ControlNet: NCHW in [0, 1], rows as the ControlNet takes them
+    images: list[np.ndarray]  # per ControlNet: NCHW in [0, 1], one row per generated image
     scales: list[float]
     starts: list[float]
     ends: list[float]
     guess_mode: bool
+    doubled: bool = False  # the ControlNet's rows are the images twice (guidance without guess mode)
+    features: list[np.ndarray] | None = None  # per ControlNet, in its rows: computed at the call's first step
 
     def keep(self, k: int, i: int, steps: int) -> float:
         """1 inside ControlNet ``k``'s window at step ``i`` of ``steps``, else 0 (diffusers' ``controlnet_keep``)."""
         return 1.0 - float(i / steps < self.starts[k] or (i + 1) / steps > self.ends[k])
+
+
+def _is_default(value, default) -> bool:
+    """``value`` is the argument's default (None counts as the default; an image or array never does)."""
+    if value is None:
+        return True
+    if default is None or not isinstance(value, (bool, int, float)):
+        return False
+    return type(value) is type(default) and value == default if isinstance(default, bool) else value == default
 
 
 def _per_controlnet(value, count: int, name: str) -> list:
@@ -80,7 +93,7 @@ def prepare(
     were given. ``batch``: images of the call; ``height``/``width``: its output size."""
     given = {k: args.get(k, d) for k, d in ARGUMENTS.items()}
     if count == 0:
-        asked = [k for k, d in ARGUMENTS.items() if given[k] is not None and given[k] != d]
+        asked = [k for k, d in ARGUMENTS.items() if not _is_default(given[k], d)]
         if asked:
             raise InputError(
                 f"{', '.join(asked)}: this pipeline was loaded without a ControlNet (Pipeline.load(..., "
@@ -89,7 +102,7 @@ def prepare(
         return None
     image = given["control_image"]
     if image is None:  # a call without control runs the model alone (the plain UNet), unless it asked for control
-        asked = [k for k, d in ARGUMENTS.items() if k != "control_image" and given[k] is not None and given[k] != d]
+        asked = [k for k, d in ARGUMENTS.items() if k != "control_image" and not _is_default(given[k], d)]
         if asked:
             raise InputError(
                 f"control_image: expected one image per ControlNet ({count}) with {', '.join(asked)}, got none"
@@ -137,13 +150,14 @@ def prepare(
             raise InputError(
                 f"{what}: expected 1 image or one per prompt ({batch // images_per_prompt}), got {pixels.shape[0]}"
             )
-        rows.append(np.concatenate([pixels, pixels]) if guided and not guess else pixels)
-    return Control(rows, scales, starts, ends, guess)
+        rows.append(pixels)
+    return Control(rows, scales, starts, ends, guess, doubled=guided and not guess)
 
 
 def residuals(
     control: Control,
     controlnets: list,
+    embeddings: list,
     specs: tuple,
     latents_rows: np.ndarray,
     latents_conditional: np.ndarray,
@@ -154,7 +168,8 @@ def residuals(
     guided: bool,
 ) -> dict[str, np.ndarray] | None:
     """The summed, scaled residuals of every ControlNet at step ``i``, in the UNet's rows, or None when every
-    ControlNet is outside its window (their residuals all count zero). ``specs``: the residuals'
+    ControlNet is outside its window (their residuals all count zero). ``embeddings``: the ControlNets'
+    conditioning embeddings, run at the first step that needs them. ``specs``: the residuals'
     tensor specs (``families.control_residual_specs``); ``latents_rows``: the UNet's (scaled) latent rows;
     ``latents_conditional``: the scaled latents once (guess mode's input); ``feed``: the UNet's text feed in its
     rows."""
@@ -168,7 +183,12 @@ def residuals(
         scale = control.scales[k] * control.keep(k, i, steps)
         if scale == 0.0:
             continue  # residuals times zero: nothing to add
-        out = session.run({"sample": x, "timestep": t, "controlnet_cond": control.images[k], **text})
+        if control.features is None:
+            control.features = [None] * len(controlnets)
+        if control.features[k] is None:  # once per call: the same image's features at every step
+            once = embeddings[k].run({"controlnet_cond": control.images[k]})["controlnet_features"]
+            control.features[k] = np.concatenate([once, once]) if control.doubled else once
+        out = session.run({"sample": x, "timestep": t, "controlnet_features": control.features[k], **text})
         res = [out[n] for n in names]
         if control.guess_mode:  # diffusers: torch.logspace(-1, 0, n) in float32, times the scale
             factors = (np.logspace(-1, 0, len(res), dtype=np.float32) * np.float32(scale)).astype(np.float32)

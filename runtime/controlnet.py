@@ -20,7 +20,7 @@ from sdrt.runtime.manifest import Component, Manifest, check_component_files, re
 VERIFIED_NAME = "verified-files.json"  # stamps of files whose sha256 matched (see sdrt.runtime.hashing)
 
 CONTROLNET_MANIFEST = "controlnet.json"
-CONTROLNET_SCHEMA = 1
+CONTROLNET_SCHEMA = 2  # 2: the conditioning embedding is a graph of its own (run once per call)
 # The model numbers a ControlNet must share with the model it drives (ModelDims fields).
 FITS = (
     "unet_block_channels",
@@ -41,7 +41,8 @@ class ControlNetManifest:
     family: str  # the family of the models it fits: sd1, sd2, sdxl
     dims: dict  # the FITS numbers
     conditioning_channels: int  # channels of the control image (3)
-    component: Component  # the "controlnet" graph
+    component: Component  # the "controlnet" graph: latents, text and the control image's features -> residuals
+    embedding: Component  # the "controlnet_embedding" graph: the control image -> its features
     build: dict = field(default_factory=dict)
     schema_version: int = CONTROLNET_SCHEMA
 
@@ -61,12 +62,19 @@ class ControlNetManifest:
             )
         data = read_versioned_json(path, CONTROLNET_SCHEMA)
         try:
-            manifest = cls(**{**data, "component": Component.from_dict(data["component"])})
+            manifest = cls(**{**data, "component": Component.from_dict(data["component"]),
+                              "embedding": Component.from_dict(data["embedding"])})  # fmt: skip
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: malformed ControlNet manifest ({e}); re-export with this sdrt") from e
-        component = manifest.component
-        check_component_files(root, [component], component.files, verify_hashes, CONTROLNET_MANIFEST, VERIFIED_NAME)
+        graphs = manifest.graphs
+        files = [f for c in graphs for f in c.files]
+        check_component_files(root, graphs, files, verify_hashes, CONTROLNET_MANIFEST, VERIFIED_NAME)
         return manifest
+
+    @property
+    def graphs(self) -> list[Component]:
+        """Its graphs: the conditioning embedding, then the ControlNet."""
+        return [self.embedding, self.component]
 
     def check_fits(self, model: Manifest, where: str = "controlnet") -> None:
         """ArtifactError naming both values unless this ControlNet fits ``model``'s family and layout."""

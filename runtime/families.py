@@ -384,16 +384,24 @@ def _unet_spec(dims: ModelDims) -> ComponentSpec:
 
 
 def control_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
-    """ControlNet's two graphs. ``controlnet``: the UNet's inputs (but its own input channels: the VAE's latents)
-    and the control image in pixels -> the residuals, unscaled (the runtime applies conditioning scales and guess
-    mode's per-residual scales). ``unet_control``: the UNet's inputs plus those residuals -> the noise
-    prediction; exported beside the plain UNet, which keeps running alone when no ControlNet is loaded."""
+    """ControlNet's graphs. ``controlnet_embedding``: the control image in pixels -> its features at the latents'
+    size (ControlNet's conditioning embedding; the same at every step, so the runtime runs it once per call, on one
+    row per image). ``controlnet``: the UNet's inputs (but its own input channels: the VAE's latents) and those
+    features -> the residuals, unscaled (the runtime applies conditioning scales and guess mode's per-residual
+    scales). ``unet_control``: the UNet's inputs plus those residuals -> the noise prediction; exported beside the
+    plain UNet, which keeps running alone when no ControlNet is loaded."""
     unet = _unet_spec(dims)
     residuals = control_residual_specs(dims)
     latents = TensorSpec("sample", "float32", ["batch", dims.latent_channels, "latent_height", "latent_width"])
     image = TensorSpec("controlnet_cond", "float32", ["batch", 3, "image_height", "image_width"])
-    inputs = (latents, *(t for t in unet.inputs if t.name not in ("sample", "timestep_cond")), image)
+    features = TensorSpec(
+        "controlnet_features", "float32", ["batch", dims.unet_block_channels[0], "latent_height", "latent_width"]
+    )
+    inputs = (latents, *(t for t in unet.inputs if t.name not in ("sample", "timestep_cond")), features)
     return {
+        "controlnet_embedding": ComponentSpec(
+            "controlnet_embedding", (image,), (features,), wrapper="ControlNetEmbedding", ort_model_type="vae",
+        ),
         "controlnet": ComponentSpec(
             "controlnet", inputs, residuals, wrapper="ControlNet", ort_model_type="unet", batch="guidance",
             sample_overrides=unet.sample_overrides,

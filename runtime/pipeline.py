@@ -219,6 +219,7 @@ class Pipeline:
         self._last_adapters: tuple = ()
         self.adapter_switches = 0
         self.controlnets: list[Session] = []  # ControlNet sessions (Pipeline.load(controlnets=...)), in order
+        self.control_embeddings: list[Session] = []  # their conditioning embeddings' sessions, run once per call
         self.control_specs: tuple = ()  # the residuals they hand unet_control (families.control_residual_specs)
 
     def _no_adapted(self, component: str, weights) -> Session:
@@ -285,6 +286,7 @@ class Pipeline:
             names = tuple(c for c in names if c in components or c not in ("vae_decoder", "vae_encoder"))
         sessions: dict[str, Session] = {}
         opened: list[Session] = []
+        embeddings: list[Session] = []
         try:
             for name in names:
                 t0 = time.perf_counter()
@@ -304,10 +306,11 @@ class Pipeline:
                     sessions["unet_control"] = record.open(root, manifest, manifest.components["unet_control"], options)
                     timings["unet_control"] = time.perf_counter() - t1
                     t0 += timings["unet_control"]
+                embeddings.append(record.open(Path(folder), manifest, cn.embedding, options))
                 opened.append(record.open(Path(folder), manifest, cn.component, options))
                 timings[f"controlnet_{k}"] = time.perf_counter() - t0
         except BaseException:
-            for session in (*sessions.values(), *opened):
+            for session in (*sessions.values(), *opened, *embeddings):
                 session.close()
             raise
 
@@ -316,6 +319,7 @@ class Pipeline:
 
         pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits, open_adapted, lora_limits)
         pipe.controlnets = opened
+        pipe.control_embeddings = embeddings
         if opened:
             pipe.control_specs = families.control_residual_specs(manifest.model_dims)
         pipe.load_timings["total"] = time.perf_counter() - t_start
@@ -326,7 +330,7 @@ class Pipeline:
         return {name: self.manifest.components[name].precision for name in self.sessions}
 
     def close(self) -> None:
-        for session in (*self.sessions.values(), *self.controlnets):
+        for session in (*self.sessions.values(), *self.controlnets, *self.control_embeddings):
             session.close()
 
     def __enter__(self) -> Pipeline:
@@ -961,8 +965,8 @@ class Pipeline:
             rows = part if part.shape[1] == c else np.ascontiguousarray(part[:, :c])
             once = rows[rows.shape[0] // 2 :] if job.request.guided else rows  # guided rows: the latents twice
             summed = control.residuals(
-                job.control, self.controlnets, self.control_specs, rows, once, float(job.run.timesteps[i]),
-                job.cond.feed, i, job.steps, job.request.guided,
+                job.control, self.controlnets, self.control_embeddings, self.control_specs, rows, once,
+                float(job.run.timesteps[i]), job.cond.feed, i, job.steps, job.request.guided,
             )  # fmt: skip
             if summed is None:  # outside every window: zeros, as diffusers' residuals times a zero scale
                 values = families.sizes(self.dims, rows.shape[0], *rows.shape[2:])

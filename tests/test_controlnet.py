@@ -273,7 +273,8 @@ def test_sdrt_engines_builds_the_controlnets_cpu_engine(setup, control_images, t
     shutil.copytree(artifacts, model)
     shutil.copytree(dirs[0], cn)
     assert main(["engines", "--artifacts", str(model), "--components", "unet_control", "--controlnet", str(cn)]) == 0
-    assert list((cn / "engines").glob("onnxruntime-cpu_*/controlnet.onnx"))
+    assert {p.name for p in (cn / "engines").glob("onnxruntime-cpu_*/controlnet*.onnx")} == {
+        "controlnet.onnx", "controlnet_embedding.onnx"}  # fmt: skip
     call = dict(CALL, control_image=control_images[0], seed=5)
     with Pipeline.load(model, controlnets=[cn]) as fast, Pipeline.load(artifacts, controlnets=dirs[:1]) as portable:
         assert fast.controlnets[0].engine is not None and fast.sessions["unet_control"].engine is not None

@@ -31,15 +31,19 @@ def test_control_graphs_are_checked_and_their_residuals_matter(preset, controlne
     model = Manifest.load(artifacts)
     cn = ControlNetManifest.load(out)
     dims = model.model_dims
-    for check in (cn.component.verification, model.components["unet_control"].verification):
+    checks = [g.verification for g in cn.graphs] + [model.components["unet_control"].verification]
+    assert [g.name for g in cn.graphs] == ["controlnet_embedding", "controlnet"]
+    for check in checks:
         assert check["passed"] and len({str(c["input_shapes"]) for c in check["checks"]}) >= 2, check
     assert cn.family == model.family and [t.name for t in cn.component.outputs] == [
         t.name for t in families.control_residual_specs(dims)
     ]
     controlnet = ControlNetModel.from_pretrained(folder).eval()
-    spec = families.control_specs(dims)["controlnet"]
+    specs = families.control_specs(dims)
     m = dims.latent_multiple
-    feed = spec.sample(families.sizes(dims, 1, m, 2 * m), np.random.default_rng(0), dims.vocab_size)
+    feed = specs["controlnet_embedding"].sample(families.sizes(dims, 1, m, 2 * m), np.random.default_rng(0))
+    feed |= specs["controlnet"].sample(families.sizes(dims, 1, m, 2 * m), np.random.default_rng(0), dims.vocab_size)
+    feed.pop("controlnet_features")
     args = {k: torch.from_numpy(v) for k, v in feed.items() if k not in ("text_embeds", "time_ids")}
     if "text_embeds" in feed:
         args["added_cond_kwargs"] = {k: torch.from_numpy(feed[k]) for k in ("text_embeds", "time_ids")}
