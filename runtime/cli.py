@@ -377,7 +377,9 @@ class _Stage:
         parts.append(f"denoise {t['denoise']:.2f} s")
         if "vae_decoder" in t:  # absent when the stage returned latents
             parts.append(f"vae {t['vae_decoder'] * 1e3:.0f} ms")
-        parts.append(f"load {self.load_s:.2f} s: " + ", ".join(f"{n} {loads[n]:.2f}" for n in self.pipe.sessions))
+        parts.append(
+            f"load {self.load_s:.2f} s: " + ", ".join(f"{n} {loads[n]:.2f}" for n in loads if n in self.pipe.sessions)
+        )
         return self._labelled(", ".join(parts))
 
     def graphs(self) -> str:

@@ -672,11 +672,14 @@ class AdapterSessions:
         adapted, so a model's ``unet_control`` gets adapter sessions only where ControlNets are loaded."""
         self.root, self.manifest, self.limits = Path(root), manifest, limits
         self._open = open_session
-        self.targets: dict[str, dict[str, Target]] = {
+        # every map the manifest has (a file's layers are resolved against the UNet's even where unet_control runs
+        # its calls), and the components adapted here
+        self._maps: dict[str, dict[str, Target]] = {
             name: {m: Target.from_dict(t) for m, t in c.lora_targets.items()}
             for name, c in manifest.components.items()
-            if c.lora_targets and (components is None or name in components)
+            if c.lora_targets
         }
+        self.targets = {name: t for name, t in self._maps.items() if components is None or name in components}
         self._resolved: dict[str, dict[str, dict[str, Layer]]] = {}  # sha256 -> component -> module -> layer
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self._lock = threading.Lock()  # the two dicts above
@@ -703,6 +706,8 @@ class AdapterSessions:
         per_component: dict[str, list[tuple[dict[str, Layer], float]]] = {}
         for lora, scale in adapters.items:
             for component, layers in self._layers(lora).items():
+                if component not in self.targets:  # a graph this pipeline does not run (unet where unet_control does)
+                    continue
                 used = {m: layer for m, layer in layers.items() if self.targets[component][m].layout != "unused"}
                 if used:  # a component whose adapted modules no output depends on keeps the base's session
                     per_component.setdefault(component, []).append((used, scale))
@@ -725,13 +730,13 @@ class AdapterSessions:
         with self._lock:
             done = self._resolved.get(lora.sha256)
         if done is None:
-            if not self.targets:
+            if not self._maps:
                 raise LoraError(
                     f"lora {lora.name!r}: these artifacts have no LoRA map (exported before sdrt recorded one, int8 "
                     "graphs, or a folder from another exporter): re-export with `sdrt export`, or fuse the adapter "
                     "with `sdrt export --lora`"
                 )
-            files = {c: t for c, t in self.targets.items() if c not in self.SHARES_WEIGHTS}
+            files = {c: t for c, t in self._maps.items() if c not in self.SHARES_WEIGHTS}
             done = resolve(lora, files)
             for graph, part in self.SHARES_WEIGHTS.items():  # the same modules, by the same names, in another graph
                 if part in done and graph in self.targets:

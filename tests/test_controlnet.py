@@ -150,8 +150,9 @@ def test_output_takes_the_control_images_size(setup, pipe, control_images):
     assert np.abs(got.astype(int) - _uint8(want).astype(int)).max() <= 1
 
 
-def test_lora_adapts_the_unet_that_takes_the_residuals(setup, pipe, control_images, tmp_path):
-    """A LoRA in a controlled call adapts unet_control as diffusers' ControlNet pipeline with the LoRA loaded."""
+def test_lora_adapts_the_unet_that_takes_the_residuals(setup, pipe, control_images, tmp_path, diffusers_pipeline):
+    """A LoRA in a controlled call adapts unet_control as diffusers' ControlNet pipeline with the LoRA loaded; in a
+    call without a control image, as diffusers' plain pipeline (the same adapted unet_control, zero residuals)."""
     from lora_files import diffusers_images, make_lora
 
     ref = setup[2]["one"]
@@ -161,7 +162,11 @@ def test_lora_adapts_the_unet_that_takes_the_residuals(setup, pipe, control_imag
     base = diffusers_images(ref, [], LATENTS, image=control_images[0], **call)  # the ControlNet without the LoRA
     got = pipe(**call, control_image=control_images[0], latents=LATENTS, loras=[(str(path), 0.9)]).images
     _close(got, want, base)
-    assert {"unet", "unet_control"} <= pipe.adapters.adapted(pipe.loras.adapter_set([(str(path), 0.9)]))
+    adapted = pipe.adapters.adapted(pipe.loras.adapter_set([(str(path), 0.9)]))
+    assert "unet_control" in adapted and "unet" not in adapted  # one adapted UNet serves both kinds of call
+    want = diffusers_images(diffusers_pipeline, [(path, 0.9)], LATENTS, **CALL)
+    base = diffusers_images(diffusers_pipeline, [], LATENTS, **CALL)
+    _close(pipe(**CALL, latents=LATENTS, loras=[(str(path), 0.9)]).images, want, base)
 
 
 def test_sdxl_controlnet_matches_diffusers(controlnet_artifacts, family_models, control_images):
@@ -227,6 +232,16 @@ def test_sdrt_generate_runs_controlnets(setup, pipe, control_images, tmp_path):
     want = pipe(**CALL, seed=4, control_image=str(tmp_path / "control.png"), controlnet_conditioning_scale=0.7)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), want.images[0])
     assert main([*args[:-2], "--control-scale", "0.5", "--out", str(tmp_path / "x.png")]) == 2  # two scales, one net
+
+
+def test_a_pipeline_with_controlnets_keeps_one_unet(pipe, runtime_pipeline, control_images):
+    """Calls without a control image run unet_control with zero residuals: the plain UNet's image, one UNet open."""
+    import onnxruntime
+
+    assert "unet" not in {s.name for s in pipe.sessions.values() if isinstance(s, onnxruntime.InferenceSession)}
+    assert pipe.sessions["unet"]._inner is pipe.sessions["unet_control"]
+    got, want = pipe(**CALL, seed=8).images, runtime_pipeline(**CALL, seed=8).images
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_run_batch_gives_each_controlled_call_its_own_image(pipe, control_images):
