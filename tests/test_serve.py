@@ -221,7 +221,7 @@ def as_request(case, tmp) -> tuple[dict, dict]:
     for key, value in call_kwargs(case, tmp).items():
         if key not in schema.FIELDS:  # refused by name, whatever its value
             body[key] = call[key] = None
-        elif key in ("image", "mask_image") and isinstance(value, (np.ndarray, str)):
+        elif key in ("image", "mask_image", "control_image") and isinstance(value, (np.ndarray, str)):
             if isinstance(value, str):
                 data = open(value, "rb").read()
             else:
@@ -235,10 +235,13 @@ def as_request(case, tmp) -> tuple[dict, dict]:
 # Cases that name LoRA files by path: over HTTP a request names registered adapters only, so each gets the same
 # refusal, naming the registered ones (tests/test_lora.py: test_service_serves_registered_adapters_by_name_only).
 BY_PATH = {c.id for c in CALL_CASES if "loras" in c.kwargs}
+# Cases for a pipeline loaded with ControlNets: this server's has none (tests/test_controlnet.py serves one and
+# checks its control_image requests).
+WITH_CONTROLNETS = {c.id for c in CALL_CASES if c.controlnets}
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in CALL_CASES if c.id not in NOT_JSON and c.id not in BY_PATH], ids=lambda c: c.id
+    "case", [c for c in CALL_CASES if c.id not in NOT_JSON | BY_PATH | WITH_CONTROLNETS], ids=lambda c: c.id
 )
 def test_bad_call_gets_the_runtimes_message(server, runtime_pipeline, tmp_path, case):
     client, _, _ = server
@@ -251,7 +254,7 @@ def test_bad_call_gets_the_runtimes_message(server, runtime_pipeline, tmp_path, 
         assert response.status_code == 422 and error["type"] == "invalid_request"
         assert all(repr(name) in error["message"] for name in unknown), error
         return
-    for key in ("image", "mask_image"):
+    for key in ("image", "mask_image", "control_image"):
         if isinstance(call.get(key), bytes):
             try:
                 call[key] = schema.decode_image(key, b64(call[key]))
