@@ -278,6 +278,7 @@ def test_sdrt_serve_takes_control_images(setup, control_images):
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("control_image: expected a base64")
 
 
+@pytest.mark.slow  # three engine builds (~15 s): the default suite keeps the parity cases within its time budget
 def test_sdrt_engines_builds_the_controlnets_cpu_engine(setup, control_images, tmp_path):
     """`sdrt engines --controlnet DIR` puts the ControlNet's CPU engine in its own folder; the pipeline then loads it
     (and unet_control's) and gives the image of the portable graphs."""
