@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdrt.runtime import conditioning
+from sdrt.runtime import conditioning, families
 from sdrt.runtime.errors import InputError
 
 # The keyword arguments, as diffusers' ControlNet pipelines name them, with their defaults.
@@ -101,7 +101,7 @@ def prepare(
             )
         return None
     image = given["control_image"]
-    if image is None:  # a call without control runs the model alone (the plain UNet), unless it asked for control
+    if image is None:  # a call without control runs the model alone (zero residuals), unless it asked for control
         asked = [k for k, d in ARGUMENTS.items() if k != "control_image" and not _is_default(given[k], d)]
         if asked:
             raise InputError(
@@ -152,6 +152,13 @@ def prepare(
             )
         rows.append(pixels)
     return Control(rows, scales, starts, ends, guess, doubled=guided and not guess)
+
+
+def zero_residuals(dims, specs: tuple, rows: int, latent_height: int, latent_width: int) -> dict[str, np.ndarray]:
+    """Residuals that change nothing (all zero) for ``rows`` UNet rows at that latent size; ``specs``:
+    ``families.control_residual_specs(dims)``."""
+    values = families.sizes(dims, rows, latent_height, latent_width)
+    return {t.name: np.zeros(tuple(values[d] if isinstance(d, str) else d for d in t.shape), np.float32) for t in specs}
 
 
 def residuals(

@@ -158,23 +158,22 @@ class ZeroResiduals:
     x): a pipeline with ControlNets keeps one UNet in memory, not two (SD 1.5: 3.4 GB less). The zero arrays are
     kept per shape."""
 
-    def __init__(self, inner: Session, plain: Component, specs: tuple, manifest: Manifest):
+    def __init__(self, inner: Session, plain: Component, specs: tuple, manifest: Manifest, zeros: dict | None = None):
         self.name, self.inputs, self.outputs = plain.name, plain.inputs, plain.outputs
         self.engine = getattr(inner, "engine", None)
         self._inner, self._specs, self._manifest = inner, specs, manifest
-        self._zeros: dict[tuple, dict[str, np.ndarray]] = {}
+        self._zeros: dict[tuple, dict[str, np.ndarray]] = {} if zeros is None else zeros
 
     def over(self, inner: Session) -> ZeroResiduals:
-        """The same, run by ``inner`` (an adapter set's unet_control)."""
-        return ZeroResiduals(inner, self._manifest.components["unet"], self._specs, self._manifest)
+        """The same, run by ``inner`` (an adapter set's unet_control), sharing the zero arrays."""
+        plain = self._manifest.components["unet"]
+        return ZeroResiduals(inner, plain, self._specs, self._manifest, self._zeros)
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = feed["sample"]
         zeros = self._zeros.get(x.shape)
         if zeros is None:
-            values = families.sizes(self._manifest.model_dims, x.shape[0], *x.shape[2:])
-            zeros = {t.name: np.zeros(tuple(values[d] if isinstance(d, str) else d for d in t.shape), np.float32)
-                     for t in self._specs}  # fmt: skip
+            zeros = control.zero_residuals(self._manifest.model_dims, self._specs, x.shape[0], *x.shape[2:])
             if len(self._zeros) >= 8:
                 self._zeros.clear()
             self._zeros[x.shape] = zeros
@@ -301,7 +300,7 @@ class Pipeline:
         ``lora_limits``: adapters per call, file size, rank, and how many adapter sets keep their sessions
         (``sdrt.runtime.lora.LoraLimits``). ``controlnets``: ControlNet artifact directories (``sdrt export
         --controlnet``), each checked to fit the model; the model's artifacts need ``unet_control`` (``sdrt export
-        --controlnet-unet``), which then runs instead of the UNet in calls with a ``control_image``."""
+        --controlnet-unet``), which then runs in place of the UNet (calls without a ``control_image``: zero residuals)."""
         t_start = t0 = time.perf_counter()
         root = Path(artifacts)
         record = backends.get(backend)
@@ -346,8 +345,8 @@ class Pipeline:
             for session in (*sessions.values(), *opened, *embeddings):
                 session.close()
             raise
+        specs = families.control_residual_specs(manifest.model_dims) if nets else ()
         if nets:
-            specs = families.control_residual_specs(manifest.model_dims)
             sessions["unet"] = ZeroResiduals(sessions["unet_control"], manifest.components["unet"], specs, manifest)
 
         def open_adapted(name: str, weights: Mapping[str, np.ndarray]) -> Session:
@@ -356,8 +355,7 @@ class Pipeline:
         pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits, open_adapted, lora_limits)
         pipe.controlnets = opened
         pipe.control_embeddings = embeddings
-        if opened:
-            pipe.control_specs = families.control_residual_specs(manifest.model_dims)
+        pipe.control_specs = specs
         pipe.load_timings["total"] = time.perf_counter() - t_start
         return pipe
 
@@ -432,8 +430,8 @@ class Pipeline:
         ...]``; empty or None is the base model. The first call with a set merges its weights and opens
         sessions for the components it changes; later calls with that set reuse them (see ``LoraLimits``).
 
-        ControlNet (a pipeline loaded with ``controlnets=``; a call without ``control_image`` runs the model alone,
-        on its plain UNet), as diffusers' ControlNet pipelines: ``control_image``
+        ControlNet (a pipeline loaded with ``controlnets=``; a call without ``control_image`` runs the model alone:
+        unet_control with zero residuals), as diffusers' ControlNet pipelines: ``control_image``
         (one image per ControlNet, or a list; PIL, path or NumPy as ``image``; in [0, 1], resized to the output
         size; without ``height``/``width`` the output takes the first control image's size, rounded down to the
         VAE's scale factor), ``controlnet_conditioning_scale`` (default as diffusers' pipeline for the task: 1.0, image-to-image
@@ -1007,11 +1005,7 @@ class Pipeline:
                 float(job.run.timesteps[i]), job.cond.feed, i, job.steps, job.request.guided,
             )  # fmt: skip
             if summed is None:  # outside every window: zeros, as diffusers' residuals times a zero scale
-                values = families.sizes(self.dims, rows.shape[0], *rows.shape[2:])
-                shapes = {
-                    t.name: tuple(values[d] if isinstance(d, str) else d for d in t.shape) for t in self.control_specs
-                }
-                summed = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+                summed = control.zero_residuals(self.dims, self.control_specs, rows.shape[0], *rows.shape[2:])
             residuals.append(summed)
         if len(residuals) == 1:
             return residuals[0]
