@@ -282,6 +282,10 @@ def lora_variants(
     return [replace(variant, lora_sets=sets[mode], lora_mode=mode) for mode in LORA_MODES if mode in modes]
 
 
+CONTROLLED = " controlnet"  # a diffusers worker's name ends in it when its pipeline has ControlNets
+MISSING_BACKEND = "unknown"
+
+
 def start_diffusers(
     source: Path,
     threads: int,
@@ -289,15 +293,16 @@ def start_diffusers(
     device: str = "cpu",
     dtype: str = "fp32",
     controlnets: tuple[Path, ...] = (),
+    name: str = "diffusers",
 ) -> Worker:
-    """diffusers/PyTorch on the CPU in fp32, or on ``device`` (e.g. "cuda") in ``dtype`` (e.g. "fp16"); with
-    ``controlnets`` (ControlNetModel folders), diffusers' ControlNet pipeline for the model."""
+    """diffusers/PyTorch on the CPU in fp32 or bf16, or on ``device`` (e.g. "cuda") in ``dtype`` (e.g. "fp16");
+    with ``controlnets`` (ControlNetModel folders), diffusers' ControlNet pipeline for the model."""
     spec = {"implementation": "diffusers", "folder": str(source.absolute()), "threads": threads, "scheduler": scheduler}
     if (device, dtype) != ("cpu", "fp32"):
         spec |= {"device": device, "dtype": dtype}
     if controlnets:
         spec["controlnets"] = [str(Path(c).absolute()) for c in controlnets]
-    worker = Worker("diffusers controlnet" if controlnets else "diffusers", _worker_command(spec))
+    worker = Worker(name + CONTROLLED if controlnets else name, _worker_command(spec))
     ran = (worker.hello.get("device", "cpu"), worker.hello.get("dtype", "fp32"))
     if ran != (device, dtype):
         worker.close()
@@ -396,6 +401,9 @@ class BenchConfig:
     variants: tuple[tuple[Path, str, str], ...] | None = None
     baseline_device: str = "cpu"  # where diffusers runs: "cpu", or "cuda" beside GPU backends
     baseline_dtype: str = "fp32"  # its torch dtype: fp32, or fp16 on a GPU
+    # More diffusers baselines in other torch dtypes, each in its own process, e.g. ("bf16",): PyTorch bf16 on a CPU
+    # with AMX or AVX-512 BF16 (where the CPU lacks them, a row saying why instead).
+    baseline_dtypes: tuple[str, ...] = ()
     optimum_folder: Path | None = None  # an optimum export of the same model: optimum's pipeline as a baseline
     optimum_python: Path = Path(".venv-optimum/bin/python")
     # LoRA files (path, scale): each sdrt variant is measured as the base model, with the first file, and
@@ -474,6 +482,9 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     variants, unsupported = plan(config)
     for variant, reason in unsupported:
         progress(f"{variant.name}: not measured: {reason}")
+    for name, _, reason in _baselines(config):
+        if reason:
+            progress(f"{name}: not measured: {reason}")
     progress(f"measuring the machine's matmul rate ({config.matmul_size}^3, {threads} threads)")
     machine = {"cpu": cpu_summary(), "matmul": matmul.measure(threads, config.matmul_size, config.matmul_budget_s)}
     progress(f"matmul: {_matmul_line(machine['matmul'])}")
@@ -483,29 +494,130 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     context = Context(config, manifests, machine, threads, device_info(gpu or "onnxruntime"), loras, controlnets)
     ours: dict[Variant, Worker] = {}
     baselines: list[Worker] = []
+    # What failed to load: a row each per case, with the error; the others are measured all the same.
+    failed: list[Failure] = []
     try:
         for variant in variants:
-            ours[variant] = _started(variant.start(threads, config.scheduler), progress)
-        if config.baseline:
-            # with ControlNets, diffusers' ControlNet pipeline and the model's own pipeline on the same modules, in
-            # one process (two rows)
-            folders = tuple(Path(c["source"]) for c in controlnets)
-            diffusers = start_diffusers(
-                source, threads, config.scheduler, config.baseline_device, config.baseline_dtype, folders
+            worker = _start(lambda v=variant: v.start(threads, config.scheduler), variant.name, failed, progress)
+            if worker is not None:
+                ours[variant] = worker
+            else:
+                failed[-1] = replace(failed[-1], variant=variant)
+        # with ControlNets, diffusers' ControlNet pipeline and the model's own pipeline on the same modules, in one
+        # process (two rows)
+        folders = tuple(Path(c["source"]) for c in controlnets)
+        for name, dtype in _baseline_dtypes(config):
+            worker = _start(
+                lambda d=dtype, n=name: start_diffusers(
+                    source, threads, config.scheduler, config.baseline_device, d, folders, name=n
+                ),
+                name,
+                failed,
+                progress,
+                {"backend": "pytorch", "precision": dtype},
             )
-            baselines.append(_started(diffusers, progress))
+            if worker is not None:
+                baselines.append(worker)
         if config.optimum_folder:
-            baselines.append(_started(start_optimum(config.optimum_folder, config.optimum_python, threads), progress))
+            worker = _start(
+                lambda: start_optimum(config.optimum_folder, config.optimum_python, threads),
+                "optimum",
+                failed,
+                progress,
+                {"backend": "onnxruntime", "precision": "fp32"},
+            )
+            if worker is not None:
+                baselines.append(worker)
         rows = []
         for case in _cases(config):
             case_rows = _measure(context, ours, baselines, case, progress)
             case_rows += [_unsupported_row(context, case, v, reason) for v, reason in unsupported]
+            case_rows += [_failed_row(context, case, f) for f in failed]
+            case_rows += [
+                _baseline_unsupported_row(context, case, name, dtype, why)
+                for name, dtype, why in _baselines(config)
+                if why
+            ]
             _append(context, case_rows, progress)
             rows += case_rows
     finally:
         for worker in [*ours.values(), *baselines]:
             worker.close()
     return rows
+
+
+def check_measured(rows: list[dict]) -> None:
+    """BackendError when no row of a bench run holds measurements: every implementation failed or was
+    unsupported. A run that measured anything is a success, its failed rows saying what failed and why."""
+    if any("metrics" in r for r in rows):
+        return
+    reasons = [f"{_row_name(r)}: {r.get('failed') or r.get('unsupported')}" for r in rows]
+    raise BackendError(
+        "bench: expected at least one implementation measured, got none"
+        + (":\n" + "\n".join(dict.fromkeys(reasons)) if reasons else " (nothing was asked for)")
+    )
+
+
+def _row_name(row: dict) -> str:
+    return " ".join(str(x) for x in (row.get("implementation"), row.get("backend"), row.get("precision")) if x)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An implementation that failed during a bench run: at load (then for every case), or in one case's
+    warm-up or rounds (for that case; the next case tries it again, unless its worker is gone)."""
+
+    name: str
+    phase: str  # "load", "warm-up" or "run N"
+    error: str
+    variant: Variant | None = None  # an sdrt variant's configuration; None for a baseline
+    fields: dict = field(default_factory=dict, compare=False)  # a baseline's backend and precision
+
+
+def _start(start: Callable[[], Worker], name: str, failed: list[Failure], progress, fields: dict | None = None):
+    """The started worker; None, with a Failure appended, when loading it raised an sdrt error."""
+    try:
+        return _started(start(), progress)
+    except (BackendError, InputError) as e:
+        progress(f"{name}: failed to load, recorded as a failed row: {e}")
+        failed.append(Failure(name, "load", str(e), None, fields or {}))
+        return None
+
+
+def _baseline_dtypes(config: BenchConfig) -> list[tuple[str, str]]:
+    """(worker name, torch dtype) of each diffusers baseline this machine runs: the configured one, then
+    the extra dtypes."""
+    return [(name, dtype) for name, dtype, reason in _baselines(config) if reason is None]
+
+
+def _baselines(config: BenchConfig) -> list[tuple[str, str, str | None]]:
+    """(worker name, torch dtype, why it does not apply here or None) of each diffusers baseline asked for."""
+    if not config.baseline:
+        return []
+    dtypes = [config.baseline_dtype, *(d for d in config.baseline_dtypes if d != config.baseline_dtype)]
+    return [
+        (
+            "diffusers" if d == config.baseline_dtype else f"diffusers {d}",
+            d,
+            baseline_unsupported(config.baseline_device, d),
+        )
+        for d in dtypes
+    ]
+
+
+def baseline_unsupported(device: str, dtype: str) -> str | None:
+    """Why diffusers in ``dtype`` on ``device`` is no baseline here (None: it is): bf16 on a CPU without bf16
+    instructions runs emulated, far slower than fp32 there, which no PyTorch user would choose."""
+    from sdrt.runtime.cpu_features import BF16_FLAGS, cpu_summary, has_bf16
+
+    if device == "cpu" and dtype == "bf16" and not has_bf16():
+        return (
+            f"PyTorch bf16 is no baseline on this CPU ({cpu_summary()['model']}): it has none of "
+            f"{', '.join(BF16_FLAGS)}, so bf16 matmuls and convolutions are emulated, slower than fp32"
+        )
+    if device == "cpu" and dtype == "fp16":
+        return "PyTorch fp16 on a CPU is no baseline: its kernels are emulated or missing; use fp32 or bf16"
+    return None
 
 
 def _check_controlnets(config: BenchConfig, manifests: dict[Path, Manifest]) -> list[dict]:
@@ -623,33 +735,56 @@ def _lanes(ours: dict[Variant, Worker], baselines: list[Worker]) -> list[Lane]:
             lanes.append(Lane(plain.name, w, False, plain))
         lanes.append(Lane(w.name, w, bool(variant.controlnets), variant))
     for b in baselines:
-        if b.name == "diffusers controlnet":
-            lanes.append(Lane("diffusers", b))
-        lanes.append(Lane(b.name, b, b.name == "diffusers controlnet"))
+        controlled = b.name.startswith("diffusers") and b.name.endswith(CONTROLLED)
+        if controlled:
+            lanes.append(Lane(b.name.removesuffix(CONTROLLED), b))
+        lanes.append(Lane(b.name, b, controlled))
     return lanes
 
 
 def _measure_rounds(ctx: Context, ours, baselines, case: Case, args: tuple, shape: tuple, progress) -> list[dict]:
     config = ctx.config
     label = f"batch {case.batch} {case.height}x{case.width} {case.steps} steps"
-    lanes = _lanes(ours, baselines)
     plain_args = (*args[:6], None)
     warm = {}
+    # A lane whose call fails (an error reply, a dead or hung worker) becomes a failed row of this case, and the
+    # others go on: one broken precision must not cost the measurements of the rest.
+    failures: dict[str, Failure] = {}
+
+    def attempt(lane: Lane, phase: str, call: Callable):
+        try:
+            return call()
+        except (BackendError, InputError) as e:
+            progress(f"{label}: {lane.name} failed in {phase}, recorded as a failed row: {e}")
+            failures[lane.name] = Failure(lane.name, phase, str(e), lane.variant, _baseline_fields(lane))
+            return None
+
+    lanes = _lanes(ours, baselines)
     for lane in lanes:
         progress(f"{label}: warming up {lane.name}")
         run = lambda lane=lane: lane.worker.run(case, args if lane.control else plain_args)  # noqa: E731
-        warm[lane.name] = warm_up(run, config.warmups)
+        warmups = attempt(lane, "warm-up", lambda run=run: warm_up(run, config.warmups))
+        if warmups is not None:
+            warm[lane.name] = warmups
+    lanes = [lane for lane in lanes if lane.name not in failures]
     # Interleaved rounds: each sdrt lane once, then each baseline once, so every sdrt run has a
     # baseline run of the same round to pair with and noise that hits a round cancels in its ratios.
     runs: dict[str, list[RunTimes]] = {lane.name: [] for lane in lanes}
     for i in range(config.runs):
         for lane in lanes:
-            runs[lane.name].append(lane.worker.run(case, args if lane.control else plain_args))
-        times = ", ".join(f"{name} {r[-1].total:.2f} s" for name, r in runs.items())
+            if lane.name not in failures:
+                one = attempt(
+                    lane, f"run {i + 1}", lambda lane=lane: lane.worker.run(case, args if lane.control else plain_args)
+                )
+                if one is not None:
+                    runs[lane.name].append(one)
+        times = ", ".join(f"{name} {r[-1].total:.2f} s" for name, r in runs.items() if name not in failures)
         progress(f"{label}: run {i + 1}/{config.runs}: {times}")
+    # A lane that failed part-way keeps no row of measurements: its runs could not be paired round by round.
+    lanes = [lane for lane in lanes if lane.name not in failures]
     common = _common(ctx, case, shape)
     base_lanes = [lane for lane in lanes if lane.variant is None]
-    rows = []
+    rows = [_failed_row(ctx, case, f) for f in failures.values()]
     for lane in lanes:
         if lane.variant is None:
             continue
@@ -663,7 +798,8 @@ def _measure_rounds(ctx: Context, ours, baselines, case: Case, args: tuple, shap
                 row.setdefault("ratio_to", {})["sdrt without LoRA"] = ratios(runs[lane.name], runs[base])
         if lane.control:  # against the same process's calls without a control image, round by round
             plain = replace(variant, controlnets=()).name
-            row.setdefault("ratio_to", {})["sdrt without ControlNet"] = ratios(runs[lane.name], runs[plain])
+            if plain in runs:
+                row.setdefault("ratio_to", {})["sdrt without ControlNet"] = ratios(runs[lane.name], runs[plain])
             row["controlnet"] = _controlnet_fields(ctx)
         elif w.name != lane.name:  # the plain calls of a process that has ControlNets loaded
             row["controlnets_loaded"] = len(ctx.controlnets)
@@ -679,11 +815,56 @@ def _measure_rounds(ctx: Context, ours, baselines, case: Case, args: tuple, shap
         row = _row(ctx, common, b, warm[lane.name], runs[lane.name], case) | fields | {"device": device}
         if lane.control:
             row["controlnet"] = _controlnet_fields(ctx)
-            row["ratio_to"] = {"diffusers without ControlNet": ratios(runs[lane.name], runs["diffusers"])}
+            plain = lane.name.removesuffix(CONTROLLED)
+            if plain in runs:
+                row["ratio_to"] = {f"{plain} without ControlNet": ratios(runs[lane.name], runs[plain])}
         elif b.name != lane.name:
             row["controlnets_loaded"] = len(ctx.controlnets)
         rows.append(row)
     return rows
+
+
+def _baseline_fields(lane: Lane) -> dict:
+    """What a baseline lane's failed row says of it (an sdrt lane's variant says it all)."""
+    if lane.variant is not None:
+        return {}
+    dtype = lane.worker.hello.get("dtype", "fp32")
+    return {"backend": "pytorch" if lane.name.startswith("diffusers") else "onnxruntime", "precision": dtype}
+
+
+def _failed_row(ctx: Context, case: Case, failure: Failure) -> dict:
+    """A row for an implementation that failed in this case (or at load): what it was, where it failed, the error."""
+    if failure.variant is not None:
+        row = _unsupported_row(ctx, case, failure.variant, "")
+        del row["unsupported"]
+    else:
+        precision = failure.fields.get("precision", "fp32")
+        row = {
+            "schema": ROW_SCHEMA,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": _cpu_device(),
+            "machine": ctx.machine,
+            "versions": versions(),
+            "model": {"source": next(iter(ctx.manifests.values())).source.get("path")},
+            "threads": ctx.threads,
+            "batch": case.batch,
+            "height": case.height,
+            "width": case.width,
+            "steps": case.steps,
+            "implementation": failure.name.split()[0],
+            "backend": failure.fields.get("backend", MISSING_BACKEND),
+            "graph_precision": precision,
+            "compute_precision": precision,
+            "precision": precision,
+        }
+    return row | {"failed": failure.error, "failed_in": failure.phase, "lane": failure.name}
+
+
+def _baseline_unsupported_row(ctx: Context, case: Case, name: str, dtype: str, reason: str) -> dict:
+    row = _failed_row(ctx, case, Failure(name, "", reason, None, {"backend": "pytorch", "precision": dtype}))
+    for key in ("failed", "failed_in"):
+        del row[key]
+    return row | {"unsupported": reason}
 
 
 def _controlnet_fields(ctx: Context) -> dict:

@@ -67,6 +67,15 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="run: CPU threads for both (0: all cores available)")
     p.add_argument("--no-baseline", action="store_true", help="run: skip diffusers")
     p.add_argument(
+        "--baseline-dtypes",
+        nargs="+",
+        default=None,
+        choices=("fp32", "bf16"),
+        help="run: torch dtypes of the diffusers baselines on the CPU, one process each (default: fp32, and bf16 "
+        "when bf16 is among the precisions measured: PyTorch bf16 through oneDNN is what a PyTorch user gets on a "
+        "CPU with AMX or AVX-512 BF16; where the CPU lacks both, its row says why it is no baseline)",
+    )
+    p.add_argument(
         "--optimum-folder",
         type=Path,
         default=None,
@@ -187,7 +196,14 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.files:
         raise InputError(f"bench: files are for `sdrt bench report`, got {[str(f) for f in args.files]}")
-    from sdrt.benchmarks.bench import RESULTS_DIR, BenchConfig, available_backends, run_benchmark, summary_table
+    from sdrt.benchmarks.bench import (
+        RESULTS_DIR,
+        BenchConfig,
+        available_backends,
+        check_measured,
+        run_benchmark,
+        summary_table,
+    )
 
     artifacts = tuple(args.artifacts or [Path("artifacts/tiny-sd")])
     if args.random_weights:
@@ -211,6 +227,7 @@ def _bench(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         threads=args.threads,
         baseline=not args.no_baseline,
+        baseline_dtypes=_baseline_dtypes(args),
         peak_tflops=args.peak_tflops,
         optimum_folder=args.optimum_folder,
         optimum_python=args.optimum_python,
@@ -218,7 +235,15 @@ def _bench(args: argparse.Namespace) -> int:
     )
     rows = run_benchmark(config)
     print(summary_table(rows))
+    check_measured(rows)  # exit 2 only when nothing at all could be measured
     return 0
+
+
+def _baseline_dtypes(args: argparse.Namespace) -> tuple[str, ...]:
+    """--baseline-dtypes, or fp32 and, when bf16 is among the precisions measured, bf16."""
+    if args.baseline_dtypes:
+        return tuple(args.baseline_dtypes)
+    return ("fp32", "bf16") if args.precisions is None or "bf16" in args.precisions else ("fp32",)
 
 
 def _bench_loras(args: argparse.Namespace, artifacts: Path) -> tuple[tuple[str, float], ...]:

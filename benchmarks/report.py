@@ -53,7 +53,7 @@ def load_rows(files: list[Path]) -> list[dict]:
             except ValueError as e:
                 raise InputError(f"{path}:{n}: expected one JSON row per line, got a parse error: {e}") from e
             if not (_is_load(row) and row.get("schema") in LOAD_SCHEMAS) and (
-                row.get("schema") not in SCHEMAS or not ("metrics" in row or "unsupported" in row)
+                row.get("schema") not in SCHEMAS or not ("metrics" in row or "unsupported" in row or "failed" in row)
             ):
                 raise InputError(
                     f"{path}:{n}: expected a benchmark row of schema {' or '.join(map(str, SCHEMAS))} (or a load "
@@ -283,23 +283,40 @@ def _latency_table(rows: list[dict]) -> str:
             _opt(row.get("peak_rss_bytes"), lambda b: f"{b / 2**20:,.0f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + unsupported_list(rows)
+    return "\n".join(lines) + unsupported_list(rows) + failed_list(rows)
 
 
 def unsupported_list(rows: list[dict]) -> str:
-    """One line per device, backend and precision asked for and not measured, with the reason."""
+    """One line per device, implementation, backend and precision asked for and not measured, with the reason."""
     seen = {}
     for r in rows:
         if "unsupported" in r:
-            key = (r["device"]["name"], r.get("backend"), _precision(r), r.get("artifacts"))
+            key = (r["device"]["name"], r.get("implementation", "sdrt"), r.get("backend"), _precision(r),
+                   r.get("artifacts"))  # fmt: skip
             seen.setdefault(key, r["unsupported"])
     if not seen:
         return ""
     items = [
-        f"- {device} · sdrt/{backend} · {precision}{f' ({Path(a).name})' if a else ''}: {reason}"
-        for (device, backend, precision, a), reason in sorted(seen.items(), key=lambda kv: str(kv[0]))
+        f"- {device} · {impl}/{backend} · {precision}{f' ({Path(a).name})' if a else ''}: {reason}"
+        for (device, impl, backend, precision, a), reason in sorted(seen.items(), key=lambda kv: str(kv[0]))
     ]
     return "\n\nNot measured (the backend or this CPU lacks the precision):\n\n" + "\n".join(items)
+
+
+FAILED_CHARS = 400  # of each error in the table's list (the row keeps it whole)
+
+
+def failed_list(rows: list[dict]) -> str:
+    """One line per failed implementation and case: where it failed and the start of its error."""
+    items = []
+    for r in sorted((r for r in rows if "failed" in r), key=lambda r: (case(r), str(r.get("lane")))):
+        error = " ".join(str(r["failed"]).split())
+        error = error if len(error) <= FAILED_CHARS else error[: FAILED_CHARS - 1] + "…"
+        items.append(f"- {r['device']['name']} · {r.get('lane') or r.get('implementation')} · {case(r)}: failed in "
+                     f"{r.get('failed_in', 'a run')}: {error}")  # fmt: skip
+    if not items:
+        return ""
+    return "\n\nFailed (recorded as rows; the run measured the rest):\n\n" + "\n".join(items)
 
 
 # -- load rows: `sdrt serve` under closed-loop load, one row per level of concurrency -----------------

@@ -149,12 +149,15 @@ class SdrtRunner:
 
 class DiffusersRunner:
     """The diffusers pipeline the model folder names (StableDiffusionPipeline, StableDiffusionXLPipeline,
-    LatentConsistencyModelPipeline, ...) in PyTorch, timed by hooks on its modules: fp32 on the CPU, or on
-    ``device="cuda"`` in fp32 or fp16 (the GPU comparison's baseline; timings synchronize the device)."""
+    LatentConsistencyModelPipeline, ...) in PyTorch, timed by hooks on its modules: fp32 or bf16 on the CPU
+    (bf16: what a PyTorch user gets from ``torch_dtype=torch.bfloat16`` on a CPU with AMX or AVX-512 BF16,
+    through oneDNN), or on ``device="cuda"`` in fp32 or fp16 (the GPU comparison's baseline; timings
+    synchronize the device)."""
 
     name = "diffusers"
 
-    DTYPES = {"fp32": "float32", "fp16": "float16"}
+    DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    ALLOWED = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 
     def __init__(
         self,
@@ -172,8 +175,9 @@ class DiffusersRunner:
 
         from sdrt.runtime.errors import InputError
 
-        if device not in ("cpu", "cuda") or dtype not in self.DTYPES or (device == "cpu" and dtype != "fp32"):
-            raise InputError(f"diffusers baseline: expected cpu/fp32 or cuda/fp32|fp16, got {device}/{dtype}")
+        if dtype not in self.ALLOWED.get(device, ()):
+            allowed = ", ".join(f"{d}/{'|'.join(t)}" for d, t in self.ALLOWED.items())
+            raise InputError(f"diffusers baseline: expected one of {allowed}, got {device}/{dtype}")
         if device == "cuda" and not torch.cuda.is_available():
             raise InputError("diffusers baseline: expected a CUDA device for device='cuda', torch sees none")
         if threads:

@@ -14,10 +14,11 @@ from sdrt.benchmarks.flops import count_flops
 from sdrt.benchmarks.report import chart, load_rows, markdown_table, write_report
 from sdrt.benchmarks.worker import RunTimes, SdrtRunner
 from sdrt.runtime import InputError, Manifest, backends
-from sdrt.runtime.cpu_features import cpu_summary
+from sdrt.runtime.cpu_features import cpu_summary, has_bf16
 from sdrt.runtime.errors import BackendError
 
 OPENVINO = "openvino" in backends.available()
+BF16_CPU = has_bf16()
 
 
 def test_unet_flops_match_pytorchs_flop_counter(tiny_model, tiny_artifacts):
@@ -61,6 +62,7 @@ def two_result_files(tiny_artifacts, tmp_path_factory):
         (2, ("onnxruntime", "openvino") if OPENVINO else ("onnxruntime",), ("fp32",), False),
     )
     for threads, names, precisions, baseline in plans:
+        # the first also asks for PyTorch bf16: a measured baseline where the CPU has bf16, a row saying why not elsewhere
         out = tmp_path_factory.mktemp(f"results{threads}")
         config = BenchConfig(
             artifacts=tiny_artifacts,
@@ -75,10 +77,13 @@ def two_result_files(tiny_artifacts, tmp_path_factory):
             results_dir=out,
             matmul_size=256,
             matmul_budget_s=0.05,
+            baseline_dtypes=("bf16",) if baseline else (),
         )
         rows = run_benchmark(config, progress=lambda line: None)
         want = [("sdrt", n, "fp32") for n in names] + ([("diffusers", "pytorch", "fp32")] if baseline else [])
+        want += [("diffusers", "pytorch", "bf16")] if baseline and BF16_CPU else []
         want += [("sdrt", n, p) for n in names for p in precisions if p != "fp32"]
+        want += [("diffusers", "pytorch", "bf16")] if baseline and not BF16_CPU else []
         assert [(r["implementation"], r["backend"], r["compute_precision"]) for r in rows] == want
         (file,) = out.glob("*.jsonl")
         files.append(file)
@@ -87,7 +92,7 @@ def two_result_files(tiny_artifacts, tmp_path_factory):
 
 def test_rows_are_self_describing_and_consistent(two_result_files, tiny_artifacts):
     rows = load_rows(two_result_files)
-    assert len(rows) == 3 + 1 + OPENVINO
+    assert len(rows) == 3 + 1 + OPENVINO + 1
     ours = next(r for r in rows if r["implementation"] == "sdrt" and r["threads"] == 1 and "metrics" in r)
     for key in ("device", "versions", "model", "precision", "batch", "height", "width", "steps", "scheduler"):
         assert key in ours
@@ -168,9 +173,22 @@ def test_a_slowed_component_shows_up_in_its_own_time(tiny_artifacts):
         runner.close()
 
 
+def test_pytorch_bf16_is_a_baseline_where_the_cpu_has_bf16(two_result_files):
+    """diffusers with torch_dtype=bfloat16 in its own process: measured, with a ratio of every sdrt row to it, on
+    a CPU with AMX or AVX-512 BF16; elsewhere a row saying why it is no baseline there."""
+    rows = load_rows(two_result_files)
+    (torch_bf16,) = [r for r in rows if r["implementation"] == "diffusers" and r["compute_precision"] == "bf16"]
+    if BF16_CPU:
+        assert "metrics" in torch_bf16 and torch_bf16["backend"] == "pytorch" and torch_bf16["precision"] == "bf16"
+        ours = next(r for r in rows if r["implementation"] == "sdrt" and r["threads"] == 1 and "metrics" in r)
+        assert set(ours["ratio_to"]) == {"diffusers", "diffusers bf16"}
+    else:
+        assert "metrics" not in torch_bf16 and "AMX" in torch_bf16["unsupported"] or "amx" in torch_bf16["unsupported"]
+
+
 def test_rows_per_backend_and_precision_with_the_reason_for_what_is_not_measured(two_result_files):
     rows = load_rows(two_result_files)
-    (bf16,) = [r for r in rows if "unsupported" in r]
+    (bf16,) = [r for r in rows if "unsupported" in r and r["implementation"] == "sdrt"]
     with pytest.raises(BackendError) as e:
         backends.check_usable(backends.get("onnxruntime"), "bf16")
     assert (bf16["backend"], bf16["compute_precision"], bf16["unsupported"]) == ("onnxruntime", "bf16", str(e.value))
@@ -309,3 +327,85 @@ def test_sdxl_bench_runs_beside_the_diffusers_sdxl_pipeline(family_artifacts, tm
     # One UNet call per step (guidance batched into it) timed in each implementation: 1 run x 2 steps.
     assert sdrt["metrics"]["unet_step_ms"]["n"] == diffusers["metrics"]["unet_step_ms"]["n"] == 2
     assert diffusers["pipeline"] == "StableDiffusionXLPipeline"
+
+
+class FakeWorker:
+    """A worker's interface without a process: fixed timings, and an error from call ``fail_at`` on."""
+
+    def __init__(self, name: str, fail_at: int | None = None):
+        self.name, self.fail_at, self.calls = name, fail_at, 0
+        self.hello, self.last_reply = {"dtype": "fp32"}, {}
+
+    def run(self, case, args) -> RunTimes:
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise BackendError(f"bench: {self.name}: a run failed: NumericalError: unet at step 1 of 2: NaN")
+        return RunTimes(1.0, 0.1, 0.2, [0.2, 0.2], [0.3, 0.3])
+
+    def memory(self) -> dict:
+        return {"load_s": 1.0, "rss_after_load_bytes": 1, "peak_rss_bytes": 1}
+
+
+def test_a_lane_failing_mid_run_is_a_failed_row_and_the_others_are_measured(tiny_artifacts, tmp_path):
+    """The rounds go on without a lane whose call failed: its row says where and why, and the rows measured
+    keep their pairs with the baseline round by round."""
+    from sdrt.benchmarks import bench
+    from sdrt.benchmarks.devices import device_info
+
+    config = BenchConfig(artifacts=tiny_artifacts, runs=3, warmups=1, results_dir=tmp_path)
+    ctx = bench.Context(
+        config,
+        {tiny_artifacts: Manifest.load(tiny_artifacts, verify_hashes=False)},
+        {"cpu": cpu_summary(), "matmul": {"fp32": {"gflops": 100.0}}},
+        1,
+        device_info("onnxruntime"),
+    )
+    good, bad = bench.Variant(tiny_artifacts, "onnxruntime", "fp32"), bench.Variant(tiny_artifacts, "openvino", "bf16")
+    # warm-up takes two calls (the second agrees with the first): the bad lane fails in its second timed run
+    ours = {good: FakeWorker(good.name), bad: FakeWorker(bad.name, fail_at=4)}
+    baseline = FakeWorker("diffusers")
+    latents = np.zeros((1, 4, 8, 8), np.float32)
+    rows = bench._measure_rounds(
+        ctx, ours, [baseline], bench.Case(1, 64, 64, 2), (["a"], 64, 64, 2, 7.5, latents, None), latents.shape,
+        lambda line: None,
+    )  # fmt: skip
+    (failed,) = [r for r in rows if "failed" in r]
+    assert (failed["lane"], failed["failed_in"], failed["backend"], failed["precision"]) == (
+        bad.name, "run 2", "openvino", "bf16")  # fmt: skip
+    assert "NumericalError" in failed["failed"] and "metrics" not in failed
+    measured = {r["implementation"] + " " + r["backend"]: r for r in rows if "metrics" in r}
+    assert set(measured) == {"sdrt onnxruntime", "diffusers pytorch"}
+    assert measured["sdrt onnxruntime"]["ratio_to"]["diffusers"]["end_to_end"]["n"] == 3
+    assert ours[good].calls == baseline.calls == 2 + 3 and ours[bad].calls == 4  # no call after its failure
+    assert "Failed (recorded as rows" in markdown_table(rows) and "failed in run 2" in markdown_table(rows)
+
+
+def test_an_implementation_that_fails_to_load_is_a_row_and_the_run_goes_on(tiny_artifacts, tmp_path):
+    """A copy of the artifacts with one graph changed fails its hash check in its worker: that variant is a
+    failed row for every case, the intact one is measured; only a run that measured nothing is an error."""
+    import shutil
+
+    from sdrt.benchmarks.bench import check_measured
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifacts, broken, ignore=shutil.ignore_patterns("engines"))
+    graph = broken / Manifest.load(broken, verify_hashes=False).components["vae_decoder"].path
+    import onnx
+
+    weight = max(onnx.load(graph).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    data = bytearray(graph.read_bytes())
+    data[data.index(weight) + len(weight) // 2] ^= 0x01  # one weight's low bit: still a valid graph, another hash
+    graph.write_bytes(bytes(data))
+    config = BenchConfig(
+        artifacts=(tiny_artifacts, broken), backends=("onnxruntime",), precisions=("fp32",), baseline=False,
+        sizes=((64, 64),), steps=(2,), runs=1, warmups=1, threads=2, results_dir=tmp_path / "results",
+        matmul_size=128, matmul_budget_s=0.02,
+    )  # fmt: skip
+    rows = run_benchmark(config, progress=lambda line: None)
+    (failed,) = [r for r in rows if "failed" in r]
+    assert failed["failed_in"] == "load" and failed["artifacts"] == str(broken) and "sha256" in failed["failed"]
+    assert [r["artifacts"] for r in rows if "metrics" in r] == [str(tiny_artifacts)]
+    assert len(load_rows(list((tmp_path / "results").glob("*.jsonl")))) == 2  # both rows written, both readable
+    check_measured(rows)
+    with pytest.raises(BackendError, match=r"(?s)expected at least one implementation measured, got none:.*sha256"):
+        check_measured([failed])
