@@ -238,6 +238,13 @@ def register_engines(sub: argparse._SubParsersAction) -> None:
         help="skip the onnxruntime CPU engines (graphs optimized once for this CPU, loaded in about a second)",
     )
     p.add_argument(
+        "--no-choice",
+        action="store_true",
+        help="skip measuring every CPU backend in every precision it offers here (onnxruntime fp32; OpenVINO fp32, "
+        "bf16, fp16 where the CPU has them) at the --height/--width optimum, checking each image against fp32 "
+        "and recording the fastest that passed for --backend auto (engines/cpu-choice_*.json)",
+    )
+    p.add_argument(
         "--no-fusions",
         action="store_true",
         help="CPU engines without onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNorm, GELU)",
@@ -278,6 +285,10 @@ def _engines(args: argparse.Namespace) -> int:
             from sdrt.export.cpu_engines import build_controlnet_engines
 
             _print_cpu_report(build_controlnet_engines(folder, args.artifacts, args.force, fuse=not args.no_fusions))
+    if not args.no_cpu and not args.no_choice:
+        from sdrt.export.choose import measure_choice
+
+        measure_choice(args.artifacts, ranges.height.opt, ranges.width.opt)
     print(
         f"shape profiles ({'static' if ranges.is_static else 'dynamic'}: batch {ranges.batch}, "
         f"height {ranges.height}, width {ranges.width}):"

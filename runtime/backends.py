@@ -196,7 +196,7 @@ def _ov_precisions() -> tuple[str, ...]:
 def _ov_open(root: Path, manifest: Manifest, component: Component, options: LoadOptions) -> Session:
     from sdrt.runtime.openvino_backend import OpenVINOSession, cache_folder
 
-    cache_dir = cache_folder(root, component) if options.cache and not options.weights else None
+    cache_dir = cache_folder(root, component, options.precision) if options.cache and not options.weights else None
     return OpenVINOSession(root, component, options.threads, options.precision, cache_dir, options.weights)
 
 

@@ -256,14 +256,22 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
     )
 
     run = p.add_argument_group("backend")
-    run.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="inference backend")
+    run.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", *BACKEND_NAMES),
+        help="inference backend; auto: the CPU backend and precision `sdrt engines` measured fastest among those "
+        "that passed their check against fp32 on this CPU (onnxruntime fp32 when it measured none); the last "
+        "line says which ran and why",
+    )
     run.add_argument(
         "--precision",
-        default="fp32",
+        default=None,
         choices=COMPUTE_PRECISIONS,
-        help="compute precision: fp32 runs each graph in its exported types (fp32, fp16 or int8 artifacts); "
-        "bf16 lowers fp32 compute on CPUs with AVX-512 BF16 or AMX (backend openvino). A precision the "
-        "backend or CPU lacks is an error, never a silent change",
+        help="compute precision (default: fp32 for a named backend; auto's choice with --backend auto): fp32 runs "
+        "each graph in its exported types (fp32, fp16 or int8 artifacts); bf16 lowers fp32 compute on CPUs with "
+        "AVX-512 BF16 or AMX (backend openvino). A precision the backend or CPU lacks, or one that failed its "
+        "check on this CPU, is an error, never a silent change",
     )
     run.add_argument(
         "--no-cache",
@@ -497,10 +505,15 @@ def _generate(args: argparse.Namespace) -> int:
         f"wrote {', '.join(map(str, paths))}: {n} image(s) {w}x{h}, {task}, seed {result.seed}, "
         f"guidance {guidance:g}, {steps} steps in {seconds:.2f} s ("
         + "; ".join(stage.timings() for stage in stages)
-        + f"); {args.backend}, compute {args.precision}, graphs "
+        + f"); {stages[0].pipe.backend}, compute {stages[0].pipe.precision} ({_why(stages[0].pipe, args)}), graphs "
         + "; ".join(stage.graphs() for stage in stages)
     )
     return 0
+
+
+def _why(pipe, args: argparse.Namespace) -> str:
+    """How the backend and precision were picked: as asked, or backend auto's measured choice and its reason."""
+    return f"backend auto: {pipe.choice}" if args.backend == "auto" else "as asked"
 
 
 def _unavailable(name: str, error: ImportError):

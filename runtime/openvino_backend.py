@@ -99,16 +99,21 @@ def compile_config(precision: str, threads: int = 0, cache_dir: Path | None = No
     return config
 
 
-def cache_folder(root: Path, component: Component) -> Path:
-    """``engines/openvino_<version>/<component>-<fingerprint>/``: keyed by the ONNX content (the manifest's
-    hashes), so a compiled blob is never taken for a re-exported graph; OpenVINO's own key inside it
-    covers the CPU and the compile properties (precision, threads)."""
+def cache_folder(root: Path, component: Component, precision: str = "fp32") -> Path:
+    """``engines/openvino_<version>/<component>-<fingerprint>-<precision>/``: keyed by the ONNX content (the
+    manifest's hashes), so a compiled blob is never taken for a re-exported graph, and by the inference
+    precision, because OpenVINO's own key does not cover it.
+
+    OpenVINO 2026.4's CPU plugin names one blob for a model path whatever INFERENCE_PRECISION_HINT was
+    (its CACHING_PROPERTIES hold only FULL_DEVICE_NAME): compiled in bf16 after an fp32 compile into the
+    same folder, it imports the fp32 blob and applies bf16 to that already-transformed graph, which on an
+    AMX Xeon returned NaN for every output (the issue of `make bench`, whose fp32 worker loads first). One
+    folder per precision keeps each blob to the precision it was compiled in."""
     from sdrt.runtime.engine_cache import ENGINES_DIR, onnx_fingerprint
 
     version = _openvino().__version__.split("-")[0]
-    return (
-        Path(root) / ENGINES_DIR / f"openvino_{version}" / f"{component.name}-{onnx_fingerprint(root, component)[:16]}"
-    )
+    name = f"{component.name}-{onnx_fingerprint(root, component)[:16]}-{precision}"
+    return Path(root) / ENGINES_DIR / f"openvino_{version}" / name
 
 
 def _usable_cache_dir(cache_dir: Path | None) -> Path | None:
@@ -209,6 +214,7 @@ class OpenVINOSession:
             path, [self._names[s.name] for s in self.inputs], [i.get_any_name() for i in compiled.inputs]
         )
         self.precision = self._check_compiled_precision(compiled, precision)
+        self._compiled = compiled
         self.loaded_from_cache = config.get("CACHE_DIR") is not None and _loaded_from_cache(compiled)
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
@@ -233,6 +239,11 @@ class OpenVINOSession:
             )
         return precision
 
+    def runtime_precisions(self) -> dict[str, int]:
+        """How many computing nodes of the compiled model run in each precision, e.g. {"bf16": 598, "f32": 60}:
+        what OpenVINO really compiled (the hint sets the precision of the heavy ops; others may stay f32)."""
+        return runtime_precisions(self._compiled)
+
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Checked here because OpenVINO would cast a wrong dtype silently.
         check_feed(self.name, self.inputs, feed)
@@ -248,3 +259,92 @@ class OpenVINOSession:
 
     def close(self) -> None:
         self._request = None
+        self._compiled = None
+
+
+# Nodes of the execution graph that hold or move data rather than compute it.
+_NOT_COMPUTE = {"Const", "Input", "Output", "Reorder", "Reshape", "ShapeOf", "Transpose", "Concatenation", "Split",
+                "Gather", "StridedSlice"}  # fmt: skip
+
+
+def runtime_precisions(compiled) -> dict[str, int]:
+    """Computing nodes of a compiled model per runtime precision (its execution graph's ``runtimePrecision``)."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" not in info or info["layerType"].astype(str) in _NOT_COMPUTE:
+            continue
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "unknown"
+        counts[precision] = counts.get(precision, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+# Intermediate outputs larger than this are not added when locating a non-finite value (attention scores at
+# 512 px are ~1 GB each); the nodes after them narrow it down.
+LOCATE_MAX_BYTES = 64 * 2**20
+LOCATE_OUTPUTS = 160  # intermediate outputs per compile
+
+
+def first_nonfinite(path: Path, graph_feed: dict[str, np.ndarray], precision: str, threads: int = 0) -> str:
+    """Which node first outputs NaN or infinity when the graph at ``path`` runs ``graph_feed`` (its inputs by
+    the graph's own names) in ``precision``: one sentence.
+
+    Compiles the graph with intermediate outputs (every k-th float node in execution order, then every node
+    between the last finite one and the first non-finite one). Extra outputs can keep OpenVINO from fusing
+    the nodes around them; when the fault lies inside such a fusion, every output may come out finite, and
+    the sentence says so."""
+    ov = _openvino()
+    core = ov.Core()
+    ops = [
+        op
+        for op in core.read_model(str(path)).get_ordered_ops()
+        if op.get_type_name() not in ("Constant", "Parameter", "Result")
+        and op.get_output_size() == 1
+        and op.get_output_element_type(0).is_real()
+    ]
+
+    def nonfinite(subset: list[int]) -> tuple[int | None, int]:
+        """The first index in ``subset`` whose node's output is non-finite, and how many outputs were checked."""
+        model = core.read_model(str(path))
+        by_name = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+        outputs, index = [], []
+        for i in subset:
+            op = by_name.get(ops[i].get_friendly_name())
+            if op is None:
+                continue
+            outputs.append(op.output(0))
+            index.append(i)
+        added = model.add_outputs(outputs) if outputs else []
+        compiled = core.compile_model(model, DEVICE, compile_config(precision, threads))
+        results = compiled.create_infer_request().infer(graph_feed, share_outputs=False)
+        checked = 0
+        for i, out in zip(index, added):  # by name: an output the graph already had is not added twice
+            value = np.asarray(results[compiled.output(out.get_any_name())])
+            if value.nbytes > LOCATE_MAX_BYTES:
+                continue
+            checked += 1
+            if not np.isfinite(value).all():
+                return i, checked
+        return None, checked
+
+    step = max(1, len(ops) // LOCATE_OUTPUTS)
+    try:
+        first, checked = nonfinite(list(range(0, len(ops), step)))
+        if first is not None and step > 1:
+            start = max(0, first - step + 1)
+            narrowed, more = nonfinite(list(range(start, first + 1)))
+            first, checked = (narrowed if narrowed is not None else first), checked + more
+    except RuntimeError as e:
+        raise BackendError(f"openvino {Path(path).name}: compiling with intermediate outputs failed: {e}") from e
+    if first is None:
+        return (
+            f"every one of {checked} intermediate outputs checked in {precision} is finite: the fault lies in a "
+            "fusion those outputs prevent (e.g. an attention or convolution subgraph)"
+        )
+    op = ops[first]
+    inputs = ", ".join(f"{i.get_source_output().get_node().get_type_name()} "
+                       f"{i.get_source_output().get_node().get_friendly_name()!r}" for i in op.inputs()[:3])  # fmt: skip
+    return (
+        f"the first non-finite value in {precision} comes from node {op.get_friendly_name()!r} "
+        f"({op.get_type_name()}, node {first + 1} of {len(ops)} in execution order; its inputs: {inputs})"
+    )

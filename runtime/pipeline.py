@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.runtime import backends, conditioning, control, families, lora, schedulers, validation
+from sdrt.runtime import backends, choice, conditioning, control, families, lora, schedulers, validation
 from sdrt.runtime.controlnet import ControlNetManifest
-from sdrt.runtime.errors import ArtifactError, InputError, NumericalError, SdrtError
+from sdrt.runtime.errors import ArtifactError, BackendError, InputError, NumericalError, SdrtError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Component, Manifest
@@ -229,6 +229,9 @@ class Pipeline:
         self.root, self.manifest, self.sessions, self.backend = root, manifest, sessions, backend
         self.limits = limits or Limits()  # what one call may ask for (sdrt.runtime.validation)
         self.precision = precision  # the compute precision the backend was asked for (fp32 unless told)
+        self.choice = (
+            f"{backend} {precision}"  # what runs and why (Pipeline.load: as asked, or backend="auto"'s choice)
+        )
         self.load_timings = dict(load_timings or {})  # seconds: manifest check and each component's session
         self.family: Family = manifest.model_family
         self.dims: ModelDims = manifest.model_dims
@@ -279,7 +282,7 @@ class Pipeline:
         threads: int = 0,
         cuda_graph: bool = False,
         trt_ranges: ShapeRanges | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         cache: bool = True,
         components: tuple[str, ...] | list[str] | None = None,
         limits: Limits | None = None,
@@ -289,9 +292,13 @@ class Pipeline:
         """Open an artifact directory written by ``sdrt export`` (checks schema and file hashes first),
         or an optimum ONNX export, on ``backend`` (see ``sdrt.runtime.backends``).
 
-        ``precision``: the compute precision (``fp32`` runs every graph in its exported types; ``bf16``
-        on CPUs that have it, backend ``openvino``); asking for one the backend or CPU lacks is an
-        error, never a silent change. ``cache``: use and fill the per-machine compiled-graph caches
+        ``precision``: the compute precision (``fp32``, the default for a named backend, runs every graph in
+        its exported types; ``bf16`` on CPUs that have it, backend ``openvino``); asking for one the backend or
+        CPU lacks, or one that failed its check on this CPU when ``sdrt engines`` measured it, is an error,
+        never a silent change. ``backend="auto"``: the backend and precision ``sdrt engines`` measured fastest
+        among those that passed their check on this CPU (in ``precision`` when given; ``sdrt.runtime.choice``),
+        or onnxruntime fp32 without such a record; ``pipe.choice`` says which and why. ``cache``: use and fill
+        the per-machine compiled-graph caches
         under ``engines/``. ``trt_ranges``: the shape ranges onnxruntime's TensorRT provider builds its
         engines for (backend ``onnxruntime-tensorrt``; default 1-4 images, 256-1024 px). ``components``:
         open only these (the text encoders and the UNet always), e.g. no VAE decoder for an SDXL base that
@@ -303,10 +310,22 @@ class Pipeline:
         --controlnet-unet``), which then runs in place of the UNet (calls without a ``control_image``: zero residuals)."""
         t_start = t0 = time.perf_counter()
         root = Path(artifacts)
-        record = backends.get(backend)
-        backends.check_usable(record, precision)
+        if backend != choice.AUTO:
+            precision = precision or "fp32"
+            backends.check_usable(backends.get(backend), precision)
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
         timings = {"manifest": time.perf_counter() - t0}
+        if backend == choice.AUTO:
+            resolved = choice.resolve(root, manifest, precision)
+            backend, precision, why = resolved.backend, resolved.precision, resolved.why
+            backends.check_usable(backends.get(backend), precision)
+        else:
+            why = f"{backend} {precision}, as asked"
+        assert precision is not None
+        refused = choice.refusal(root, manifest, backend, precision)
+        if refused:
+            raise BackendError(refused)
+        record = backends.get(backend)
         options = backends.LoadOptions(threads, precision, cuda_graph, trt_ranges, cache)
         names = cls.components_of(manifest)
         if components is not None:
@@ -353,6 +372,7 @@ class Pipeline:
             return record.open(root, manifest, manifest.components[name], dataclasses.replace(options, weights=weights))
 
         pipe = cls(root, manifest, sessions, backend, scheduler, precision, timings, limits, open_adapted, lora_limits)
+        pipe.choice = why
         pipe.controlnets = opened
         pipe.control_embeddings = embeddings
         pipe.control_specs = specs
@@ -906,7 +926,13 @@ class Pipeline:
             if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 bad = int(value.size - np.count_nonzero(np.isfinite(value)))
                 graph = self.manifest.components[component].precision
-                if graph.startswith("fp16") or self.precision != "fp32":
+                if self.precision == "bf16" and not graph.startswith("fp16"):
+                    fix = (
+                        f"the graph is {graph}, computed in bf16, which has fp32's exponent range: no overflow, but "
+                        f"a {self.backend} kernel computing wrong on this CPU; load with precision='fp32' (`sdrt "
+                        "engines` checks every precision on this CPU, and backend 'auto' avoids one that fails)"
+                    )
+                elif graph.startswith("fp16") or self.precision != "fp32":
                     fix = (
                         f"the graph is {graph}, computed in {self.precision}: fp16/bf16 overflow is the usual cause; "
                         f"re-export it in fp32 (sdrt export --component-precision {component}=fp32) or load with "

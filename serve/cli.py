@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sdrt.runtime.backends import BACKEND_NAMES
+from sdrt.runtime.backends import BACKEND_NAMES, COMPUTE_PRECISIONS
 from sdrt.runtime.cli import _HelpFormatter
 from sdrt.runtime.errors import SdrtError
 
@@ -47,7 +47,19 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--artifacts", type=Path, required=True, help="artifact directory (holds manifest.json)")
-    p.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="inference backend")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", *BACKEND_NAMES),
+        help="inference backend; auto: the one `sdrt engines` measured fastest among those that passed their check "
+        "on this CPU (onnxruntime fp32 without a measurement); the log says which and why",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=COMPUTE_PRECISIONS,
+        help="compute precision (default: fp32 for a named backend, auto's choice with --backend auto)",
+    )
     p.add_argument("--threads", type=int, default=0, help="threads per graph (0: the backend's default, every core)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -93,8 +105,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from sdrt.runtime import Pipeline
 
     config = ServeConfig(args.max_batch, args.batch_wait_ms, args.queue_size, args.timeout_s, args.max_body_mb)
-    with Pipeline.load(args.artifacts, backend=args.backend, threads=args.threads, controlnets=args.controlnet) as pipe:
-        log.info("loaded %s on %s in %.2f s", args.artifacts, args.backend, pipe.load_timings["total"])
+    with Pipeline.load(
+        args.artifacts,
+        backend=args.backend,
+        precision=args.precision,
+        threads=args.threads,
+        controlnets=args.controlnet,
+    ) as pipe:
+        log.info("loaded %s on %s in %.2f s (%s)", args.artifacts, pipe.choice, pipe.load_timings["total"],
+                 "as asked" if args.backend != "auto" else "backend auto")  # fmt: skip
         register_loras(pipe, args.lora_dir)
         app = create_app(pipe, config)
         server = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")

@@ -217,3 +217,33 @@ def test_cpu_features_read_cpuinfo(tmp_path):
     assert summary["model"] == "Test CPU" and summary["flags"]["avx512_bf16"] and not summary["flags"]["amx_bf16"]
     missing = tmp_path / "none"
     assert cpu_flags(missing) == set() and not has_bf16(missing) and cpu_summary(missing)["model"] == "unknown"
+
+
+LOWER = [p for p in cpu_precisions() if p != "fp32"]
+
+
+@pytest.mark.skipif(not LOWER, reason="OpenVINO offers no precision below fp32 on this CPU")
+def test_each_precision_compiles_into_its_own_cache(tiny_artifacts, tmp_path):
+    """OpenVINO names one cached blob per model path whatever the precision hint: a bf16 compile after an fp32 one
+    imported the fp32 blob and returned NaN on an AMX Xeon. Each precision has its own folder: the lower one is
+    compiled (not imported), runs in its precision with finite outputs, and comes from its own cache next time."""
+    import shutil
+
+    root = tmp_path / "tiny-sd"
+    shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("engines"))
+    call = dict(height=64, width=64, num_inference_steps=1, guidance_scale=7.5, seed=1234)
+    with Pipeline.load(root, backend="openvino", precision="fp32", threads=2, verify_hashes=False) as pipe:
+        fp32 = pipe("a photograph of an astronaut riding a horse", **call).images
+    for precision in LOWER:
+        images = []
+        for load in range(2):
+            with Pipeline.load(root, backend="openvino", precision=precision, threads=2, verify_hashes=False) as pipe:
+                unet = pipe.sessions["unet"]
+                assert unet.loaded_from_cache == bool(load), (precision, load)
+                counts = unet.runtime_precisions()
+                assert max(counts, key=counts.get) == {"bf16": "bf16", "fp16": "f16"}[precision], counts
+                images.append(pipe("a photograph of an astronaut riding a horse", **call).images)  # finite, or raises
+        np.testing.assert_array_equal(images[0], images[1])
+        assert np.abs(images[0].astype(int) - fp32).mean() < 8  # the same picture, computed in lower precision
+    folders = sorted(p.name.rsplit("-", 1)[1] for p in (root / "engines").glob("openvino_*/unet-*"))
+    assert folders == sorted(["fp32", *LOWER])
