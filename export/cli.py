@@ -285,6 +285,8 @@ def _engines(args: argparse.Namespace) -> int:
             from sdrt.export.cpu_engines import build_controlnet_engines
 
             _print_cpu_report(build_controlnet_engines(folder, args.artifacts, args.force, fuse=not args.no_fusions))
+    if not args.no_cpu:
+        _openvino_engines(args.artifacts, ranges, components, args.force)
     if not args.no_cpu and not args.no_choice:
         from sdrt.export.choose import measure_choice
 
@@ -318,6 +320,27 @@ def _engines(args: argparse.Namespace) -> int:
         f"{device.tensorrt_version}) in {report.folder}: built {report.built or 'none'}, up to date {kept or 'none'}"
     )
     return 0
+
+
+def _openvino_engines(artifacts: Path, ranges, components: tuple[str, ...], force: bool) -> None:
+    """OpenVINO IR engines (fp16 weights; the UNet also static at the optimum) where OpenVINO offers bf16 or fp16:
+    fp32 sessions read the ONNX, so on a CPU with neither there is nothing to build."""
+    from sdrt.runtime import backends
+
+    record = backends.get("openvino")
+    if record.unavailable_reason() is not None:
+        print(f"OpenVINO IR engines skipped: {record.unavailable_reason()}")
+        return
+    lower = [p for p in record.precisions() if p != "fp32"]
+    if not lower:
+        print("OpenVINO IR engines skipped: OpenVINO offers only fp32 on this CPU, which reads the ONNX")
+        return
+    from sdrt.export.openvino_engines import build_openvino_engines
+
+    report = build_openvino_engines(artifacts, ranges, components, force)
+    built = ", ".join(f"{n} (error {report.errors[n]:.1e} vs the ONNX)" for n in report.built) or "none"
+    print(f"OpenVINO IR engines for {'/'.join(lower)} in {report.folder}: built {built}, up to date "
+          f"{', '.join(report.kept) or 'none'}")  # fmt: skip
 
 
 def _cpu_engines(artifacts: Path, components: tuple[str, ...], force: bool, fuse: bool, lora_sources: bool) -> None:

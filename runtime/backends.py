@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,10 +195,15 @@ def _ov_precisions() -> tuple[str, ...]:
 
 
 def _ov_open(root: Path, manifest: Manifest, component: Component, options: LoadOptions) -> Session:
-    from sdrt.runtime.openvino_backend import OpenVINOSession, cache_folder
+    from sdrt.runtime.openvino_backend import IR_PRECISIONS, OpenVINOSession, cache_folder, find_ir
 
     cache_dir = cache_folder(root, component, options.precision) if options.cache and not options.weights else None
-    return OpenVINOSession(root, component, options.threads, options.precision, cache_dir, options.weights)
+    ir = None
+    if options.cache and not options.weights and options.precision in IR_PRECISIONS:
+        ir, why_not = find_ir(root, component)
+        if ir is None:
+            logging.getLogger(__name__).info("openvino %s: reading the ONNX: %s", component.name, why_not)
+    return OpenVINOSession(root, component, options.threads, options.precision, cache_dir, options.weights, ir)
 
 
 def _ort_backend(name: str, device: str, description: str, providers: tuple[str, ...]) -> Backend:

@@ -11,11 +11,13 @@ capability, and a request for one the CPU lacks is refused rather than quietly r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,75 @@ def cache_folder(root: Path, component: Component, precision: str = "fp32") -> P
     return Path(root) / ENGINES_DIR / f"openvino_{version}" / name
 
 
+# -- IR engines (built by `sdrt engines`, sdrt.export.openvino_engines) -----------------------------------
+IR_RECORDS = "engines.json"
+STATIC_COMPONENTS = ("unet",)  # those that get a static-shape IR at the profile's optimum
+IR_PRECISIONS = ("bf16", "fp16")  # sessions that read the IR (fp16 weights); fp32 reads the ONNX, exactly
+
+
+@dataclass
+class IrRecord:
+    component: str
+    file: str  # the dynamic IR, in the folder
+    onnx_fingerprint: str
+    openvino_version: str
+    static_file: str = ""  # the static-shape IR, when built
+    static_shapes: dict = field(default_factory=dict)  # sdrt input name -> shape of the static IR
+    verification: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def openvino_version() -> str:
+    return _openvino().__version__.split("-")[0]
+
+
+def ir_folder(root: Path) -> Path:
+    from sdrt.runtime.engine_cache import ENGINES_DIR
+
+    return Path(root) / ENGINES_DIR / f"openvino_{openvino_version()}" / "ir"
+
+
+def read_ir_records(folder: Path) -> dict[str, IrRecord]:
+    try:
+        return {k: IrRecord(**v) for k, v in json.loads((Path(folder) / IR_RECORDS).read_text()).items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("%s is unreadable (%s): its IR engines are ignored", Path(folder) / IR_RECORDS, e)
+        return {}
+
+
+def ir_stale_reason(record: IrRecord | None, folder: Path, fingerprint: str, static: dict | None = None) -> str | None:
+    """Why this IR cannot serve the component (None: it can); ``static``: the static shapes wanted, if any."""
+    if record is None:
+        return "no IR yet"
+    if record.onnx_fingerprint != fingerprint:
+        return "the ONNX was re-exported since the IR was built"
+    if record.openvino_version != openvino_version():
+        return f"built by OpenVINO {record.openvino_version}, this is {openvino_version()}"
+    for name in filter(None, (record.file, record.static_file)):
+        if not (Path(folder) / name).is_file() or not (Path(folder) / name).with_suffix(".bin").is_file():
+            return f"{Path(folder) / name} or its weights are missing"
+    if static is not None and static != record.static_shapes:
+        return f"static shapes {record.static_shapes or 'none'} built, {static} asked for"
+    return None
+
+
+def find_ir(root: Path, component: Component) -> tuple[IrRecord | None, str]:
+    """The IR engine for ``component`` (this OpenVINO, this ONNX), or None and why not."""
+    from sdrt.runtime.engine_cache import onnx_fingerprint
+    from sdrt.runtime.manifest import check_inside
+
+    folder = ir_folder(root)
+    record = read_ir_records(folder).get(component.name)
+    reason = ir_stale_reason(record, folder, onnx_fingerprint(root, component))
+    if record is None or reason:
+        return None, f"{component.name}: {reason} (`sdrt engines` builds OpenVINO IR engines)"
+    for name in filter(None, (record.file, record.static_file)):
+        check_inside(folder, name, f"{folder}/{IR_RECORDS} {component.name}")
+    return record, ""
+
+
 def _usable_cache_dir(cache_dir: Path | None) -> Path | None:
     """``cache_dir``, created if needed; None (no cache, with a warning) when it cannot be written,
     e.g. artifacts on a read-only volume: the cache only saves load time, so it is not worth failing for."""
@@ -178,7 +249,11 @@ class OpenVINOSession:
         precision: str = "fp32",
         cache_dir: Path | None = None,
         weights: Mapping[str, np.ndarray] | None = None,
+        ir: IrRecord | None = None,
     ):
+        """``ir``: the component's IR engine (``sdrt engines``) to read instead of the ONNX: its static-shape IR
+        compiled now when it has one (calls of other shapes compile the dynamic IR on first use), else the
+        dynamic IR."""
         ov = _openvino()
         self.name = component.name
         self.inputs, self.outputs = component.inputs, component.outputs
@@ -186,47 +261,69 @@ class OpenVINOSession:
         self._names = {s.name: component.graph_names.get(s.name, s.name) for s in (*self.inputs, *self.outputs)}
         self._scalars = set(component.scalar_inputs)
         start = time.perf_counter()
-        core = ov.Core()
-        path = Path(root) / component.path
-        cache = _usable_cache_dir(cache_dir)
-        config = compile_config(precision, threads, cache)
+        self._core = ov.Core()
+        self._onnx = Path(root) / component.path
+        folder = ir_folder(root) if ir else None
+        self.source = (folder / ir.file) if ir and folder else self._onnx  # the graph compiled for other shapes
+        self._config = compile_config(precision, threads, _usable_cache_dir(cache_dir))
+        self._precision_asked = precision
+        self._static_shapes: dict[str, tuple[int, ...]] = {}
+        self._static = self._dynamic = None
+        self._static_request = self._request = None
+        self.calls = {"static": 0, "dynamic": 0}  # which compiled graph ran each call
+        if ir and folder and ir.static_file:
+            self._static = self._compile(folder / ir.static_file)
+            self._static_request = self._static.create_infer_request()
+            self._static_shapes = {self._names[n]: tuple(v) for n, v in ir.static_shapes.items()}
+            compiled = self._static
+        elif weights:
+            # LoRA-merged weights: the initializers' Constants replaced in the read model, then compiled
+            # (constant folding and weight repacking see the new values, as if the file held them).
+            compiled = self._dynamic = self._compile(self._onnx, weights)
+        else:
+            compiled = self._dynamic = self._compile(self.source)
+        if self._dynamic is not None:
+            self._request = self._dynamic.create_infer_request()
+        self.precision = precision
+        self._lock = threading.Lock()
+        self._output_names = [self._names[o.name] for o in self.outputs]
+        self.loaded_from_cache = self._config.get("CACHE_DIR") is not None and _loaded_from_cache(compiled)
+        self.load_seconds = time.perf_counter() - start
+        log.info(
+            "openvino %s: %s on CPU, %s, loaded in %.2f s%s",
+            self.name,
+            self.precision,
+            f"static IR {dict(ir.static_shapes)} (other shapes: dynamic IR)" if self._static else self.source.name,
+            self.load_seconds,
+            " (compiled model from the cache)" if self.loaded_from_cache else "",
+        )
+
+    def _compile(self, path: Path, weights: Mapping[str, np.ndarray] | None = None):
+        """``path`` compiled with the session's properties, its inputs and precision checked."""
+        ov = _openvino()
         try:
             if weights:
-                # LoRA-merged weights: the initializers' Constants replaced in the read model, then compiled
-                # (constant folding and weight repacking see the new values, as if the file held them).
-                compiled = core.compile_model(
-                    _with_weights(ov, core.read_model(str(path)), path, weights), DEVICE, config
+                compiled = self._core.compile_model(
+                    _with_weights(ov, self._core.read_model(str(path)), path, weights), DEVICE, self._config
                 )
-            elif cache is not None:
-                # Compiled from the path, a cache hit imports the compiled blob without reading the ONNX
+            elif self._config.get("CACHE_DIR") is not None:
+                # Compiled from the path, a cache hit imports the compiled blob without reading the graph
                 # (seconds for SD 1.5's UNet). OpenVINO keys a path by its name, size and mtime, not by
                 # its external data file, so the caller must give a folder keyed by the graph's content
                 # (the registry's is named after the ONNX fingerprint the manifest's hashes make).
-                compiled = core.compile_model(str(path), DEVICE, config)
+                compiled = self._core.compile_model(str(path), DEVICE, self._config)
             else:
-                compiled = core.compile_model(core.read_model(str(path)), DEVICE, config)
+                compiled = self._core.compile_model(self._core.read_model(str(path)), DEVICE, self._config)
         except RuntimeError as e:
             raise ArtifactError(
-                f"{path}: expected an ONNX graph OpenVINO can read and compile for the CPU with {config}, got: {e} "
-                "(re-run the export if the graph is damaged)"
+                f"{path}: expected a graph OpenVINO can read and compile for the CPU with {self._config}, got: {e} "
+                "(re-run the export, or `sdrt engines --force`, if the graph is damaged)"
             ) from e
         check_graph_inputs(
             path, [self._names[s.name] for s in self.inputs], [i.get_any_name() for i in compiled.inputs]
         )
-        self.precision = self._check_compiled_precision(compiled, precision)
-        self._compiled = compiled
-        self.loaded_from_cache = config.get("CACHE_DIR") is not None and _loaded_from_cache(compiled)
-        self._request = compiled.create_infer_request()
-        self._lock = threading.Lock()
-        self._output_names = [self._names[o.name] for o in self.outputs]
-        self.load_seconds = time.perf_counter() - start
-        log.info(
-            "openvino %s: %s on CPU, loaded in %.2f s%s",
-            self.name,
-            self.precision,
-            self.load_seconds,
-            " (compiled model from the cache)" if self.loaded_from_cache else "",
-        )
+        self._check_compiled_precision(compiled, self._precision_asked)
+        return compiled
 
     @staticmethod
     def _check_compiled_precision(compiled, precision: str) -> str:
@@ -242,24 +339,37 @@ class OpenVINOSession:
     def runtime_precisions(self) -> dict[str, int]:
         """How many computing nodes of the compiled model run in each precision, e.g. {"bf16": 598, "f32": 60}:
         what OpenVINO really compiled (the hint sets the precision of the heavy ops; others may stay f32)."""
-        return runtime_precisions(self._compiled)
+        return runtime_precisions(self._static if self._static is not None else self._dynamic)
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Checked here because OpenVINO would cast a wrong dtype silently.
         check_feed(self.name, self.inputs, feed)
         graph_feed = to_graph_feed(self.name, self._names, self._scalars, feed)
+        static = bool(self._static_shapes) and all(
+            tuple(np.shape(v)) == self._static_shapes.get(k, tuple(np.shape(v))) for k, v in graph_feed.items()
+        )
         try:
             # share_outputs=False copies each output into an array of its own: the request reuses its
             # output tensors on the next call, so views would change under the caller.
             with self._lock:
-                results = self._request.infer(graph_feed, share_inputs=False, share_outputs=False)
+                if static:
+                    request = self._static_request
+                else:
+                    if self._request is None:  # a shape the static IR does not take: the dynamic one, once
+                        log.info("openvino %s: shapes %s differ from the static IR's; compiling %s", self.name,
+                                 {k: np.shape(v) for k, v in graph_feed.items()}, self.source.name)  # fmt: skip
+                        self._dynamic = self._compile(self.source)
+                        self._request = self._dynamic.create_infer_request()
+                    request = self._request
+                results = request.infer(graph_feed, share_inputs=False, share_outputs=False)
+                self.calls["static" if static else "dynamic"] += 1
         except RuntimeError as e:
             raise BackendError(f"openvino {self.name}: inference failed: {e}") from e
         return {o.name: results[name] for o, name in zip(self.outputs, self._output_names)}
 
     def close(self) -> None:
-        self._request = None
-        self._compiled = None
+        self._request = self._static_request = None
+        self._dynamic = self._static = None
 
 
 # Nodes of the execution graph that hold or move data rather than compute it.

@@ -247,3 +247,48 @@ def test_each_precision_compiles_into_its_own_cache(tiny_artifacts, tmp_path):
         assert np.abs(images[0].astype(int) - fp32).mean() < 8  # the same picture, computed in lower precision
     folders = sorted(p.name.rsplit("-", 1)[1] for p in (root / "engines").glob("openvino_*/unet-*"))
     assert folders == sorted(["fp32", *LOWER])
+
+
+def test_ir_engines_hold_fp16_weights_a_static_unet_and_serve_the_lower_precisions(tiny_artifacts, tmp_path, rng):
+    """`sdrt engines`' OpenVINO IR: one per component (fp16 weights, within 2e-2 of the ONNX in fp32), the UNet also
+    static at the profile's optimum; kept when up to date, rebuilt when the ONNX changes. bf16/fp16 sessions read it
+    (the static graph for the optimum's shapes, the dynamic one for others, compiled on first use); fp32 reads the
+    ONNX, so fp32 stays exact."""
+    import shutil
+
+    from sdrt.export.openvino_engines import build_openvino_engines
+    from sdrt.runtime.openvino_backend import find_ir, ir_folder, read_ir_records
+    from sdrt.runtime.profiles import Range, ShapeRanges
+
+    root = tmp_path / "tiny-sd"
+    shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("engines"))
+    ranges = ShapeRanges(Range(1, 1, 2), Range(64, 64, 128), Range(64, 64, 128))
+    report = build_openvino_engines(root, ranges)
+    manifest = Manifest.load(root)
+    assert sorted(report.built) == sorted(manifest.components) and not report.kept
+    records = read_ir_records(ir_folder(root))
+    for name, record in records.items():
+        assert record.verification["relative_error"] <= 2e-2 and (ir_folder(root) / record.file).is_file()
+        assert bool(record.static_file) == (name == "unet")
+    assert records["unet"].static_shapes["sample"] == [2, 4, 8, 8]  # guided batch at 64x64
+    assert build_openvino_engines(root, ranges).kept == report.built  # up to date: nothing rebuilt
+    wider = ShapeRanges(Range(1, 1, 2), Range(64, 96, 128), Range(64, 96, 128))
+    assert build_openvino_engines(root, wider, ("unet",)).built == ["unet"]  # another optimum: a new static IR
+    assert read_ir_records(ir_folder(root))["unet"].static_shapes["sample"] == [2, 4, 12, 12]
+    build_openvino_engines(root, ranges, ("unet",))
+    unet = manifest.components["unet"]
+    if not LOWER:
+        return
+    record, _ = find_ir(root, unet)
+    precision = LOWER[0]
+    ir = OpenVINOSession(root, unet, threads=2, precision=precision, ir=record)
+    onnx_session = OpenVINOSession(root, unet, threads=2, precision=precision)
+    for batch, size in ((2, 8), (1, 16)):
+        feed = make_feed("unet", batch, size, size, rng)
+        got, want = ir.run(feed)["out_sample"], onnx_session.run(feed)["out_sample"]
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # the same function, in the lower precision
+    assert ir.calls == {"static": 1, "dynamic": 1}
+    with Pipeline.load(root, backend="openvino", precision="fp32", verify_hashes=False) as pipe:
+        assert pipe.sessions["unet"].source.suffix == ".onnx"
+    with Pipeline.load(root, backend="openvino", precision=precision, verify_hashes=False) as pipe:
+        assert pipe.sessions["unet"].source.suffix == ".xml"
