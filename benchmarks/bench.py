@@ -595,14 +595,13 @@ def _baselines(config: BenchConfig) -> list[tuple[str, str, str | None]]:
     if not config.baseline:
         return []
     dtypes = [config.baseline_dtype, *(d for d in config.baseline_dtypes if d != config.baseline_dtype)]
-    return [
-        (
-            "diffusers" if d == config.baseline_dtype else f"diffusers {d}",
-            d,
-            baseline_unsupported(config.baseline_device, d),
-        )
-        for d in dtypes
-    ]
+    return [(baseline_name(config, d), d, baseline_unsupported(config.baseline_device, d)) for d in dtypes]
+
+
+def baseline_name(config: BenchConfig, dtype: str) -> str:
+    """ "diffusers" for the baseline in fp32 (or in the dtype of a GPU baseline), "diffusers <dtype>" for the others."""
+    plain = dtype == "fp32" or (dtype == config.baseline_dtype and config.baseline_device != "cpu")
+    return "diffusers" if plain else f"diffusers {dtype}"
 
 
 def baseline_unsupported(device: str, dtype: str) -> str | None:

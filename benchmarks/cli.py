@@ -71,8 +71,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=None,
         choices=("fp32", "bf16"),
-        help="run: torch dtypes of the diffusers baselines on the CPU, one process each (default: fp32, and bf16 "
-        "when bf16 is among the precisions measured: PyTorch bf16 through oneDNN is what a PyTorch user gets on a "
+        help="run: torch dtypes of the diffusers baselines on the CPU, one process each, e.g. bf16 alone (default: "
+        "fp32, and bf16 when bf16 is among the precisions measured: PyTorch bf16 through oneDNN is what a PyTorch user gets on a "
         "CPU with AMX or AVX-512 BF16; where the CPU lacks both, its row says why it is no baseline)",
     )
     p.add_argument(
@@ -227,7 +227,8 @@ def _bench(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         threads=args.threads,
         baseline=not args.no_baseline,
-        baseline_dtypes=_baseline_dtypes(args),
+        baseline_dtype=_baseline_dtypes(args)[0],
+        baseline_dtypes=_baseline_dtypes(args)[1:],
         peak_tflops=args.peak_tflops,
         optimum_folder=args.optimum_folder,
         optimum_python=args.optimum_python,

@@ -157,7 +157,7 @@ class DiffusersRunner:
     name = "diffusers"
 
     DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-    ALLOWED = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
+    ALLOWED = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
 
     def __init__(
         self,

@@ -115,6 +115,20 @@ def microarchitecture(vendor: str, family: int | None, model: int | None, steppi
     return _ARM.get((family, model), UNKNOWN)
 
 
+# Intel cores that have AMX; a hypervisor may report another model number (a KVM guest on an AMX Xeon was seen
+# reporting family 6 model 0xA7, Rocket Lake, a client core without AMX or AVX-512 FP16).
+AMX_CORES = ("Sapphire Rapids", "Emerald Rapids", "Granite Rapids")
+AMX_UNNAMED = "AMX Xeon (model number hidden)"
+
+
+def _consistent(name: str, vendor: str, flags: set[str]) -> str:
+    """The table's name, unless the CPU's flags contradict it: an Intel core with AMX is a Xeon of the
+    AMX generations whatever model number the hypervisor passes on."""
+    if vendor == "Intel" and "amx_tile" in flags and name not in AMX_CORES:
+        return AMX_UNNAMED
+    return name
+
+
 def cpuinfo_fields(text: str) -> dict[str, str]:
     """``key: value`` of a /proc/cpuinfo text, each key's first occurrence (the first processor's; on
     Arm also the lines after the per-processor blocks)."""
@@ -158,7 +172,7 @@ def parse_identity(text: str) -> dict:
         "family": family,
         "model": model,
         "stepping": stepping,
-        "microarchitecture": microarchitecture(vendor, family, model, stepping),
+        "microarchitecture": _consistent(microarchitecture(vendor, family, model, stepping), vendor, flags),
         "features": [flag for flag in IDENTITY_FLAGS if flag in flags],
         "logical_cpus": sum(1 for line in text.splitlines() if line.partition(":")[0].strip() == "processor") or None,
         "threads_per_core": siblings // cores if siblings and cores else None,

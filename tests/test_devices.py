@@ -68,6 +68,21 @@ def fake_cpu(tmp_path, monkeypatch):
 
 
 # -- CPU identity --------------------------------------------------------------------------------------
+def test_an_amx_xeon_behind_a_hypervisors_model_number_is_not_named_after_that_model():
+    """A KVM guest on an AMX Xeon reported family 6 model 0xA7 (Rocket Lake: no AMX); its flags decide."""
+    amx = ZEN4_FLAGS + " avx512_fp16 amx_bf16 amx_tile amx_int8"
+    text = cpuinfo_text(name="Intel(R) Xeon(R) Processor", family=6, model=0xA7, flags=amx).replace(
+        "AuthenticAMD", "GenuineIntel")  # fmt: skip
+    ident = parse_identity(text)
+    assert (
+        microarchitecture("Intel", 6, 0xA7) == "Rocket Lake"
+        and ident["microarchitecture"] == "AMX Xeon (model number hidden)"
+    )
+    assert {"amx_bf16", "amx_int8", "avx512_fp16"} <= set(ident["features"])
+    emerald = parse_identity(text.replace("model\t\t: 167", "model\t\t: 207"))
+    assert emerald["microarchitecture"] == "Emerald Rapids"
+
+
 def test_cpuinfo_texts_give_vendor_family_microarchitecture_and_features():
     zen4, zen3 = parse_identity(cpuinfo_text(**ZEN4)), parse_identity(cpuinfo_text(**ZEN3))
     assert (zen4["vendor"], zen4["family"], zen4["model"], zen4["stepping"]) == ("AMD", 0x19, 0x11, 1)
@@ -268,9 +283,8 @@ def test_the_diffusers_baseline_refuses_a_device_or_dtype_it_cannot_run(device, 
     from sdrt.benchmarks.worker import DiffusersRunner
     from sdrt.runtime.errors import InputError
 
-    with pytest.raises(
-        InputError, match=f"diffusers baseline: expected cpu/fp32 or cuda/fp32|fp16, got {device}/{dtype}"
-    ):
+    want = f"diffusers baseline: expected one of cpu/fp32|bf16, cuda/fp32|fp16, got {device}/{dtype}"
+    with pytest.raises(InputError, match=re.escape(want)):
         DiffusersRunner(Path("no-model"), 1, None, device, dtype)
 
 
