@@ -5,7 +5,8 @@ Each candidate (onnxruntime fp32; OpenVINO fp32, bf16 and fp16 where the CPU plu
 the artifacts as a user would (its compiled-graph cache filled on the way, so the next load is fast),
 generates one warm-up image and one timed image at the measured size with a fixed seed, and is
 compared with onnxruntime fp32's image for the same seed. It passes when every output is finite and
-the image is within ``MAX_MEAN_LEVELS`` of the reference on average. A candidate whose output turns
+the image is within ``MAX_MEAN_LEVELS`` of the reference on average (``MAX_MEAN_LEVELS_INT8`` for
+int8 artifacts, whose reference is onnxruntime's own int8 pipeline). A candidate whose output turns
 non-finite is located: on OpenVINO, the first node (in execution order) whose output is NaN or
 infinite, from a compile with intermediate outputs. The record (``sdrt.runtime.choice``) keeps every
 candidate's timings, error and reason; ``backend="auto"`` runs the fastest that passed.
@@ -22,7 +23,7 @@ import numpy as np
 
 from sdrt.runtime import backends
 from sdrt.runtime import choice as choice_record
-from sdrt.runtime.choice import MAX_MEAN_LEVELS, Candidate, Choice
+from sdrt.runtime.choice import Candidate, Choice
 from sdrt.runtime.errors import NumericalError, SdrtError
 from sdrt.runtime.manifest import Manifest
 
@@ -76,6 +77,7 @@ def measure_choice(
 
     root = Path(root)
     manifest = Manifest.load(root)
+    choice_record.record_path(root).unlink(missing_ok=True)  # measured afresh: no earlier verdict refuses a candidate
     asked = candidates or cpu_candidates()
     if asked[0] != choice_record.FALLBACK:
         asked = [choice_record.FALLBACK, *(c for c in asked if c != choice_record.FALLBACK)]
@@ -111,11 +113,12 @@ def measure_choice(
                 reference = image
             diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
             candidate.mean_levels, candidate.max_levels = float(diff.mean()), int(diff.max())
-            if candidate.mean_levels > MAX_MEAN_LEVELS:
+            bound = choice_record.max_mean_levels(manifest)
+            if candidate.mean_levels > bound:
                 candidate.status = "failed"
                 candidate.reason = (
                     f"its image is {candidate.mean_levels:.1f} levels from onnxruntime fp32's on average (max "
-                    f"{candidate.max_levels}), expected at most {MAX_MEAN_LEVELS:g}"
+                    f"{candidate.max_levels}), expected at most {bound:g}"
                 )
             else:
                 candidate.status = "ok"
@@ -146,6 +149,14 @@ def measure_choice(
     )
     path = choice_record.write(root, record)
     progress(f"backend auto runs {record.chosen or 'onnxruntime fp32 (no candidate passed)'} here (recorded in {path})")
+    return record
+
+
+def up_to_date(root: Path, height: int, width: int) -> Choice | None:
+    """This CPU's record when it fits the artifacts, libraries and size: nothing to measure again."""
+    record, _ = choice_record.read(Path(root), Manifest.load(Path(root), verify_hashes=False))
+    if record is None or (record.measured.get("height"), record.measured.get("width")) != (height, width):
+        return None
     return record
 
 

@@ -288,9 +288,14 @@ def _engines(args: argparse.Namespace) -> int:
     if not args.no_cpu:
         _openvino_engines(args.artifacts, ranges, components, args.force)
     if not args.no_cpu and not args.no_choice:
-        from sdrt.export.choose import measure_choice
+        from sdrt.export.choose import measure_choice, up_to_date
 
-        measure_choice(args.artifacts, ranges.height.opt, ranges.width.opt)
+        kept = None if args.force else up_to_date(args.artifacts, ranges.height.opt, ranges.width.opt)
+        if kept is None:
+            measure_choice(args.artifacts, ranges.height.opt, ranges.width.opt)
+        else:
+            print(f"backend auto runs {kept.chosen or 'onnxruntime fp32'} here: measured before for this CPU, these "
+                  "graphs and libraries (--force measures again)")  # fmt: skip
     print(
         f"shape profiles ({'static' if ranges.is_static else 'dynamic'}: batch {ranges.batch}, "
         f"height {ranges.height}, width {ranges.width}):"
