@@ -21,6 +21,7 @@ from sdrt.runtime.schedulers.ddpm import DDPMScheduler
 from sdrt.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler
 from sdrt.runtime.schedulers.dpmsolver_single import DPMSolverSinglestepScheduler
 from sdrt.runtime.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from sdrt.runtime.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from sdrt.runtime.schedulers.heun import HeunDiscreteScheduler
 from sdrt.runtime.schedulers.lcm import LCMScheduler
 from sdrt.runtime.schedulers.lms import LMSDiscreteScheduler
@@ -36,6 +37,7 @@ SCHEDULERS = {
         DPMSolverSinglestepScheduler,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
         HeunDiscreteScheduler,
         LCMScheduler,
         LMSDiscreteScheduler,
@@ -102,8 +104,21 @@ def resolve(config: dict, override: str | None = None) -> tuple[type, dict]:
             f"scheduler_config.json: unknown fields {unknown}; {name} supports: {', '.join(SCHEDULERS[name].defaults)}"
         )
     cls = SCHEDULERS[name]
+    own = SCHEDULERS.get(config.get("_class_name"))
+    if own is not None and is_flow_matching(own) != is_flow_matching(cls):
+        kind = "a flow-matching model (SD 3)" if is_flow_matching(own) else "a diffusion (noise-prediction) model"
+        fitting = sorted(n for n, c in SCHEDULERS.items() if is_flow_matching(c) == is_flow_matching(own))
+        raise InputError(
+            f"scheduler: {name} does not fit {kind}, whose own scheduler is {own.name}; expected one of "
+            f"{', '.join(fitting)}"
+        )
     fields = {k: v for k, v in config.items() if k in cls.defaults}
     return cls, {**fields, **extra}
+
+
+def is_flow_matching(cls: type) -> bool:
+    """Whether a scheduler integrates a flow (SD 3's velocity along sigma) rather than a diffusion's noise."""
+    return bool(getattr(cls, "flow_matching", False))
 
 
 def from_config(config: dict, override: str | None = None):
