@@ -33,6 +33,13 @@ real architectures with random weights. Each preset is written by the diffusers 
           4 latent channels) that stands in for the VAE of ``tiny`` and of ``tiny-sdxl`` alike, as
           TAESD and TAESDXL do.
 
+``tiny-sd3``  ``StableDiffusion3Pipeline``: an MMDiT (``SD3Transformer2DModel``, patch 2, 16 latent channels,
+          2 joint blocks of 4 heads x 8, position embeddings for 64 x 64 patches), CLIP-L- and CLIP-G-shaped
+          encoders with projections (hidden 32 + 32, padded to T5's 80 by the pipeline; pooled 32 + 32), a
+          T5 v1.1 encoder (d_model 80, gated GELU) with a local Unigram tokenizer saved as ``T5TokenizerFast``
+          (``sdrt.export.t5_vocab``; no download), a 16-channel VAE with SD 3's scaling 1.5305 and shift 0.0609,
+          and SD 3's flow-matching Euler scheduler (shift 3.0).
+
 ``tiny-controlnet``, ``tiny-sdxl-controlnet``, ``sd15-controlnet``  not pipelines: a ``ControlNetModel`` folder
           for ``tiny``, ``tiny-sdxl`` and ``sd15``, made as real ControlNets start (``ControlNetModel.from_unet`` of
           a UNet of that config, seed + 2) except that the convolutions diffusers starts at zero (the residual
@@ -97,6 +104,7 @@ class Preset:
     scheduler: tuple[str, dict] | None = None
     tokenizers: dict[str, str] = field(default_factory=dict)  # tokenizer folder -> its pad token
     options: dict = field(default_factory=dict)  # other constructor arguments (absent parts are None)
+    t5_tokenizers: tuple[str, ...] = ()  # T5 tokenizer folders (sdrt.export.t5_vocab's local Unigram model)
 
 
 TINY_UNET = dict(
@@ -171,6 +179,45 @@ SD15_UNET = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
+
+
+# Stable Diffusion 3's layout at toy size: an MMDiT (SD3Transformer2DModel, patch 2, 16 latent channels, joint
+# attention over text and image tokens), two CLIP encoders with projections (hidden 32 + 32 = 64, padded to T5's
+# 80 as the pipeline pads CLIP's 2048 to T5's 4096; pooled 32 + 32 = 64), a T5 v1.1 encoder (gated GELU, relative
+# attention buckets) and a 16-channel VAE with SD 3's scaling and shift factors and no quant convolutions.
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=80,
+    caption_projection_dim=32,
+    pooled_projection_dim=64,
+    out_channels=16,
+    pos_embed_max_size=64,  # position embeddings for 64 x 64 patches: images up to 1024 x 1024
+)
+TINY_SD3_VAE = dict(
+    TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)  # fmt: skip
+TINY_T5 = dict(
+    vocab_size=296,  # sdrt.export.t5_vocab's pieces
+    d_model=80,
+    d_ff=96,
+    d_kv=16,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+SD3_FLOW = ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0})
 
 
 def _autoencoder_tiny(channels: int, encoder_blocks: tuple, decoder_blocks: tuple) -> Preset:
@@ -291,6 +338,19 @@ PRESETS: dict[str, Preset] = {
         {"tokenizer": EOS},
         SD_OPTIONS,
     ),
+    "tiny-sd3": Preset(
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": Part("SD3Transformer2DModel", TINY_SD3_TRANSFORMER),
+            "vae": Part("AutoencoderKL", TINY_SD3_VAE),
+            "text_encoder": Part("CLIPTextModelWithProjection", dict(TINY_TEXT_ENCODER, projection_dim=32)),
+            "text_encoder_2": Part("CLIPTextModelWithProjection", TINY_TEXT_ENCODER_2, seed_offset=1),
+            "text_encoder_3": Part("T5EncoderModel", TINY_T5, seed_offset=2),
+        },
+        SD3_FLOW,
+        {"tokenizer": EOS, "tokenizer_2": SDXL_PAD},
+        t5_tokenizers=("tokenizer_3",),
+    ),
     "tiny-controlnet": Preset(None, {"controlnet": Part("ControlNetModel", TINY_UNET, seed_offset=2)}),
     "tiny-sdxl-controlnet": Preset(None, {"controlnet": Part("ControlNetModel", TINY_SDXL_UNET, seed_offset=2)}),
     "tiny-taesd": _autoencoder_tiny(channels=32, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
@@ -316,6 +376,8 @@ def build_part(part: Part, seed: int = SEED):
     torch.manual_seed(seed + part.seed_offset)
     if part.cls in CLIP_TEXT_CLASSES:
         return getattr(transformers, part.cls)(transformers.CLIPTextConfig(**part.config))
+    if part.cls == "T5EncoderModel":
+        return transformers.T5EncoderModel(transformers.T5Config(**part.config)).eval()
     if part.cls == "ControlNetModel":  # config: the UNet's
         return _controlnet(diffusers.UNet2DConditionModel(**part.config))
     return getattr(diffusers, part.cls)(**part.config)
@@ -368,6 +430,12 @@ def write_random_model(out_dir: Path, preset: str = "tiny", seed: int = SEED, bp
                 name: CLIPTokenizer.from_pretrained(_write_tokenizer(tmp / name, pad, bpe_path))
                 for name, pad in spec.tokenizers.items()
             }
+            for name in spec.t5_tokenizers:
+                from transformers import T5TokenizerFast
+
+                from sdrt.export.t5_vocab import write_t5_tokenizer
+
+                tokenizers[name] = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(tmp / name)))
             getattr(diffusers, spec.pipeline)(**tokenizers, **parts).save_pretrained(tmp)
             # transformers 5 rewrites a tokenizer as tokenizer.json only (and drops model_max_length);
             # real SD folders ship vocab.json + merges.txt, so rewrite that classic layout.

@@ -178,3 +178,52 @@ def test_tiny_taesd_encodes_to_the_tiny_latent_grid_and_stands_in_for_both_vaes(
         pipe = _load(name, folder, vae=taesd)
         images = pipe("a red fox", height=64, width=64, num_inference_steps=1, output_type="np").images
         assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all(), name
+
+
+def test_tiny_sd3_is_sd3s_layout_and_every_prompt_path_moves_the_image(variant, tmp_path):
+    """diffusers' StableDiffusion3Pipeline loads the folder offline: T5's tokenizer is the local Unigram model
+    saved as T5TokenizerFast (its ids, </s> appended), CLIP's hidden states are narrower than T5's (the pipeline
+    pads them), the VAE has 16 channels and SD 3's shift factor. Each of the three prompt paths (CLIP-L, CLIP-G,
+    T5) and T5's absence moves the image by several levels, so a parity test can see a wrong path; the folder is
+    the same bytes when written again."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5TokenizerFast
+
+    from sdrt.export.random_model import write_random_model
+    from sdrt.export.t5_vocab import SPECIAL, build_tokenizer
+
+    folder = variant("tiny-sd3")
+    torch.set_num_threads(2)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.tokenizer_3, T5TokenizerFast)
+    prompt = "a photograph of an astronaut riding a horse"
+    assert pipe.tokenizer_3(prompt).input_ids == build_tokenizer().encode(prompt).ids
+    assert pipe.tokenizer_3(prompt).input_ids[-1] == SPECIAL.index("</s>")
+    transformer, t5 = pipe.transformer.config, pipe.text_encoder_3.config
+    clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert transformer.joint_attention_dim == t5.d_model > clip_width  # CLIP's states are zero-padded to T5's
+    assert transformer.pooled_projection_dim == 2 * pipe.text_encoder.config.projection_dim
+    assert (pipe.vae.config.latent_channels, pipe.vae.config.shift_factor) == (16, 0.0609)
+
+    def image(**kwargs):
+        call = dict(prompt=prompt, height=64, width=64, num_inference_steps=2, output_type="np")
+        return pipe(**{**call, **kwargs}, generator=torch.manual_seed(0)).images[0] * 255
+
+    base = image()
+    assert image().tolist() == base.tolist()
+    for changed in (
+        {"prompt_2": "a red sports car"},
+        {"prompt": "a red sports car", "prompt_2": prompt, "prompt_3": prompt},
+    ):
+        assert np.abs(image(**changed) - base).mean() > 3, changed
+    # T5's prompt: at the default 256 tokens its few prompt tokens are diluted among padding (0.3 levels); at 32 they
+    # are fewer (1.2 levels). The parity tests compare within 1/255, so either shows a wrong T5 path.
+    short = image(max_sequence_length=32)
+    assert np.abs(image(max_sequence_length=32, prompt_3="a red sports car") - short).mean() > 0.8
+    assert 0 < np.abs(image(prompt_3="a red sports car") - base).max() > 2
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None  # SD 3 without T5: zeros in its place
+    assert np.abs(image() - base).mean() > 3
+    again = write_random_model(tmp_path / "again", preset="tiny-sd3")
+    for f in sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()):
+        assert (folder / f).read_bytes() == (again / f).read_bytes(), f
