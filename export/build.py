@@ -237,7 +237,9 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     rng = np.random.default_rng(options.seed)
     m = dims.latent_multiple
     # Distinct sizes for every symbolic dimension, so the exporter cannot mistake one for another.
-    trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m), rng, dims.vocab_size)
+    # T5's tokens (SD 3) differ from every other size too; T5 has its own vocabulary.
+    vocab = dims.t5_vocab_size if spec.ort_model_type == "t5" else dims.vocab_size
+    trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m, t5_tokens=24), rng, vocab)
     path = root / "onnx" / f"{name}.onnx"
     t0 = time.perf_counter()
     export_onnx(spec, module, trace, path, options.opset)
@@ -261,7 +263,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     verification = {}
     if options.verify:
         t0 = time.perf_counter()
-        other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m), rng, dims.vocab_size)
+        other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m, t5_tokens=13), rng, vocab)
         verification = verify_onnx(spec, module, path, [trace, other], precision)
         graph.release_memory()
         log.info(
@@ -326,9 +328,11 @@ def _write_tokenizer(pipe: LoadedPipeline, folder: str, root: Path) -> Tokenizer
             f"{folder}: expected a pad token (SD 1.x pads with <|endoftext|>, SD 2.x and SDXL's second with '!'), "
             "got none"
         )
+    t5 = any(r.tokenizer == folder and r.kind == "t5" for r in pipe.family.text_encoders)
     return TokenizerInfo(
         path=folder,
-        max_length=pipe.dims.text_length,
+        # T5's: the default max_sequence_length (a call may ask for another, up to the tokenizer's limit)
+        max_length=pipe.dims.t5_default_length if t5 else pipe.dims.text_length,
         pad_token_id=int(tokenizer.pad_token_id),
         files=[FileRecord.of(root, out / "tokenizer.json")],
     )
@@ -339,6 +343,8 @@ def _manifest(pipe, model, revision, components, tokenizers, options, fingerprin
     vae = {
         "kind": dims.vae_kind,
         "class": type(pipe.vae).__name__,
+        # SD 3's VAE: latents = (encoded - shift) * scale, decoded as latents / scale + shift
+        "shift_factor": float(pipe.vae.config.get("shift_factor") or 0.0),
         **({"source": pipe.vae_source} if pipe.vae_source else {}),
     }
     return Manifest(

@@ -264,8 +264,10 @@ def sample_feed(component: Component, manifest: Manifest, rng: np.random.Generat
         dtype = np.dtype(specs[name].dtype)
         if dtype.kind == "f":
             feed[name] = rng.standard_normal(shape).astype(dtype)
-        else:  # token ids: any valid id
-            feed[name] = rng.integers(0, 400, size=shape).astype(dtype)
+        else:  # token ids: any id every tokenizer of the model has (SD 3's T5 vocabulary is its own)
+            dims = manifest.model_dims
+            high = min(400, *(v for v in (dims.vocab_size, dims.t5_vocab_size) if v))
+            feed[name] = rng.integers(0, high, size=shape).astype(dtype)
     if "timestep" in feed:
         feed["timestep"] = np.full(feed["timestep"].shape, 500, feed["timestep"].dtype)
     return feed

@@ -16,6 +16,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,13 @@ SOURCE_PATTERNS = [
     "text_encoder_2/model.safetensors",
     "unet/*.json",
     "unet/diffusion_pytorch_model.safetensors",
+    "transformer/*.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "tokenizer_3/*",
+    "text_encoder_3/*.json",
+    "text_encoder_3/model.safetensors",
+    "text_encoder_3/model.safetensors.index.json",
+    "text_encoder_3/model-*.safetensors",
     "vae/*.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
@@ -76,6 +84,37 @@ class TextEncoder(torch.nn.Module):
             "text_embeds": lambda: out.text_embeds,
         }
         return tuple(values[name]() for name in self.outputs)
+
+
+def _crop_pos_embed(self, height, width):
+    """diffusers' PatchEmbed.cropped_pos_embed (SD 3): the centre height x width patches of the position grid."""
+    height, width = height // self.patch_size, width // self.patch_size
+    top, left = (self.pos_embed_max_size - height) // 2, (self.pos_embed_max_size - width) // 2
+    grid = self.pos_embed.reshape(1, self.pos_embed_max_size, self.pos_embed_max_size, -1)
+    return grid[:, top : top + height, left : left + width, :].reshape(1, -1, grid.shape[-1])
+
+
+class Transformer(torch.nn.Module):
+    """SD 3's MMDiT: hidden_states, encoder_hidden_states, pooled_projections, timestep -> the velocity."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+        embed = transformer.pos_embed
+        if getattr(embed, "pos_embed_max_size", None):
+            # diffusers' crop raises on sizes beyond the grid; those Python comparisons on the traced height and
+            # width make the exporter fix them to the traced sizes. The same crop without them stays dynamic; the
+            # runtime refuses sizes beyond the grid before any call (ModelDims.max_latent_size).
+            embed.cropped_pos_embed = types.MethodType(_crop_pos_embed, embed)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
 
 
 class UNet(torch.nn.Module):
@@ -269,6 +308,10 @@ class LoadedPipeline:
         return self.parts["unet"]
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.parts[self.family.denoiser]
+
+    @property
     def vae(self) -> torch.nn.Module:
         return self.parts["vae"]
 
@@ -280,6 +323,8 @@ class LoadedPipeline:
             module = UNET_WRAPPERS[tuple(t.name for t in spec.inputs)](self.unet)
         elif spec.wrapper == "UNetControl":
             module = control_module(spec, self.unet)
+        elif spec.wrapper == "Transformer":
+            module = Transformer(self.parts["transformer"])
         else:
             module = {"VaeDecoder": VaeDecoder, "VaeEncoder": VaeEncoder}[spec.wrapper](self.vae)
         return module.eval()
@@ -411,71 +456,54 @@ def _layers_per_block(value) -> int:
     return values.pop() if len(values) == 1 else 0
 
 
-def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = False) -> LoadedPipeline:
-    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's.
-    Weights are read from safetensors only, unless ``allow_pickle`` (then a part without safetensors
-    weights is read from its pickle checkpoint)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _transformer_dims(source: Path, family: Family, parts: dict, tcfg, common: dict) -> ModelDims:
+    """SD 3's dims, each cross-checked where the pipeline joins two parts: CLIP's pooled projections
+    concatenate into the transformer's pooled input, and its text tokens are T5's width."""
+    clip = [r for r in family.text_encoders if r.kind == "clip"]
+    t5 = next(r for r in family.text_encoders if r.kind == "t5")
+    pooled = tuple(int(parts[r.component].config.projection_dim) for r in clip)
+    t5_hidden = int(parts[t5.component].config.d_model)
+    checks = (
+        ("pooled_projection_dim", int(tcfg.pooled_projection_dim), sum(pooled), "CLIP projections concatenated"),
+        ("joint_attention_dim", int(tcfg.joint_attention_dim), t5_hidden, "T5's hidden size"),
+        ("in_channels", int(tcfg.in_channels), common["latent_channels"], "the VAE's latent channels"),
+    )
+    for key, got, want, what in checks:
+        if got != want:
+            raise ExportError(f"{source}/transformer/config.json: {key} expected {want} ({what}), got {got}")
+    if sum(common["text_hidden"]) > t5_hidden:
+        raise ExportError(
+            f"{source}: expected CLIP's hidden sizes {common['text_hidden']} to fit T5's width {t5_hidden} (the "
+            "pipeline pads them to it), they do not"
+        )
+    return ModelDims(
+        **common,
+        unet_in_channels=common["latent_channels"],
+        unet_levels=1,
+        cross_attention_dim=int(tcfg.joint_attention_dim),
+        pooled_dim=sum(pooled),
+        sample_size=int(tcfg.sample_size),
+        patch_size=int(tcfg.patch_size),
+        pos_embed_max_size=int(tcfg.pos_embed_max_size or 0),
+        t5_hidden=t5_hidden,
+        t5_vocab_size=int(parts[t5.component].config.vocab_size),
+        text_pooled=pooled,
+    )
 
-    index_path = source / "model_index.json"
-    if not index_path.is_file():
-        raise ExportError(f"{source}: expected a diffusers pipeline folder with model_index.json, found none")
-    index = _json(index_path, "pipeline index")
-    check_libraries(source, index)
-    unet_config = _json(source / "unet" / "config.json", "UNet's config.json") if (source / "unet").is_dir() else {}
-    family = families.detect(index, unet_config) if unet_config else None
-    if family is None:
-        raise ExportError(f"{source}: expected a 'unet' folder in the pipeline, found none")
-    needed = [r.tokenizer for r in family.text_encoders] + [r.component for r in family.text_encoders]
-    for part in (*needed, "unet", "scheduler", *(() if vae else ("vae",))):
-        if not (source / part).is_dir():
-            raise ExportError(f"{source}: expected a '{part}' folder in the {family.name} pipeline, found none")
 
-    vae_folder = Path(vae) if vae else source / "vae"
-    # Every part's weights are checked before any is loaded.
-    for role in family.text_encoders:
-        check_weights(source / role.component, "model", role.component, allow_pickle)
-    check_weights(source / "unet", "diffusion_pytorch_model", "unet", allow_pickle)
-    check_weights(vae_folder, "diffusion_pytorch_model", "vae", allow_pickle)
-
-    safe = {"use_safetensors": _use_safetensors(allow_pickle)}
-    parts: dict[str, torch.nn.Module] = {}
-    tokenizers = {}
-    for role in family.text_encoders:
-        tokenizers[role.tokenizer] = CLIPTokenizer.from_pretrained(source / role.tokenizer, trust_remote_code=False)
-        cls = CLIPTextModelWithProjection if role.pooled_output else CLIPTextModel
-        parts[role.component] = cls.from_pretrained(
-            source / role.component, torch_dtype=torch.float32, trust_remote_code=False, **safe
-        ).eval()
-    # diffusers' model classes take no trust_remote_code: they never load code from the folder.
-    unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32, **safe)
-    parts["unet"] = unet = unet.eval()
-    parts["vae"] = vae_model = load_vae(vae_folder, allow_pickle)
-    scheduler_config = _json(source / "scheduler" / "scheduler_config.json", "scheduler config")
-
-    first = family.text_encoders[0]
-    tokenizer = tokenizers[first.tokenizer]
-    encoders = [parts[r.component].config for r in family.text_encoders]
+def _unet_dims(source: Path, family: Family, parts: dict, ucfg, common: dict) -> ModelDims:
     last = family.text_encoders[-1]
-    vae_kind = "tiny" if type(vae_model).__name__ == "AutoencoderTiny" else "kl"
-    ucfg = unet.config
     time_ids = 0
     if ucfg.get("addition_embed_type") == "text_time":
         time_ids = 5 if family.micro_conditioning == "refiner" else 6
     dims = ModelDims(
-        text_length=min(int(tokenizer.model_max_length), *(int(c.max_position_embeddings) for c in encoders)),
-        text_hidden=tuple(int(c.hidden_size) for c in encoders),
-        vocab_size=min(int(c.vocab_size) for c in encoders),
-        latent_channels=int(vae_model.config.latent_channels),
+        **common,
         unet_in_channels=int(ucfg.in_channels),
-        vae_scale_factor=2 ** (len(vae_model.config.block_out_channels) - 1),
         unet_levels=len(ucfg.block_out_channels),
         cross_attention_dim=int(ucfg.cross_attention_dim),
         pooled_dim=int(parts[last.component].config.projection_dim) if last.pooled_output else 0,
         time_ids=time_ids,
         time_cond_dim=int(ucfg.get("time_cond_proj_dim") or 0),
-        vae_kind=vae_kind,
         sample_size=int(ucfg.sample_size),
         unet_block_channels=tuple(int(c) for c in ucfg.block_out_channels),
         unet_layers_per_block=_layers_per_block(ucfg.layers_per_block),
@@ -489,5 +517,82 @@ def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = Fa
                 f"{family.name} UNet ({time_ids} time ids x {ucfg.addition_time_embed_dim} + pooled {dims.pooled_dim}), "
                 f"got {got}"
             )
+    return dims
+
+
+def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = False) -> LoadedPipeline:
+    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's.
+    Weights are read from safetensors only, unless ``allow_pickle`` (then a part without safetensors
+    weights is read from its pickle checkpoint)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    index_path = source / "model_index.json"
+    if not index_path.is_file():
+        raise ExportError(f"{source}: expected a diffusers pipeline folder with model_index.json, found none")
+    index = _json(index_path, "pipeline index")
+    check_libraries(source, index)
+    folder = families.denoiser_folder(index)
+    if not (source / folder).is_dir():
+        raise ExportError(
+            f"{source}: expected a '{folder}' folder (the pipeline's denoiser: {' or '.join(families.DENOISERS)}), "
+            "found none"
+        )
+    denoiser_config = _json(source / folder / "config.json", f"{folder}'s config.json")
+    family = families.detect(index, denoiser_config)
+    if family.denoiser != folder:
+        raise ExportError(
+            f"{source}: expected the {family.name} family's denoiser in '{family.denoiser}', model_index.json names "
+            f"'{folder}'"
+        )
+    needed = [r.tokenizer for r in family.text_encoders] + [r.component for r in family.text_encoders]
+    for part in (*needed, family.denoiser, "scheduler", *(() if vae else ("vae",))):
+        if not (source / part).is_dir():
+            raise ExportError(f"{source}: expected a '{part}' folder in the {family.name} pipeline, found none")
+
+    vae_folder = Path(vae) if vae else source / "vae"
+    # Every part's weights are checked before any is loaded.
+    for role in family.text_encoders:
+        check_weights(source / role.component, "model", role.component, allow_pickle)
+    check_weights(source / family.denoiser, "diffusion_pytorch_model", family.denoiser, allow_pickle)
+    check_weights(vae_folder, "diffusion_pytorch_model", "vae", allow_pickle)
+
+    safe = {"use_safetensors": _use_safetensors(allow_pickle)}
+    parts: dict[str, torch.nn.Module] = {}
+    tokenizers = {}
+    for role in family.text_encoders:
+        if role.kind == "t5":
+            tokenizers[role.tokenizer] = T5TokenizerFast.from_pretrained(
+                source / role.tokenizer, trust_remote_code=False
+            )
+            cls = T5EncoderModel
+        else:
+            tokenizers[role.tokenizer] = CLIPTokenizer.from_pretrained(source / role.tokenizer, trust_remote_code=False)
+            cls = CLIPTextModelWithProjection if role.pooled_output else CLIPTextModel
+        parts[role.component] = cls.from_pretrained(
+            source / role.component, torch_dtype=torch.float32, trust_remote_code=False, **safe
+        ).eval()
+    # diffusers' model classes take no trust_remote_code: they never load code from the folder.
+    denoiser_class = SD3Transformer2DModel if family.denoiser == "transformer" else UNet2DConditionModel
+    denoiser = denoiser_class.from_pretrained(source / family.denoiser, torch_dtype=torch.float32, **safe).eval()
+    parts[family.denoiser] = denoiser
+    parts["vae"] = vae_model = load_vae(vae_folder, allow_pickle)
+    scheduler_config = _json(source / "scheduler" / "scheduler_config.json", "scheduler config")
+    clip_roles = [r for r in family.text_encoders if r.kind == "clip"]
+    tokenizer = tokenizers[clip_roles[0].tokenizer]
+    encoders = [parts[r.component].config for r in clip_roles]
+    vae_kind = "tiny" if type(vae_model).__name__ == "AutoencoderTiny" else "kl"
+    common = dict(
+        text_length=min(int(tokenizer.model_max_length), *(int(c.max_position_embeddings) for c in encoders)),
+        text_hidden=tuple(int(c.hidden_size) for c in encoders),
+        vocab_size=min(int(c.vocab_size) for c in encoders),
+        latent_channels=int(vae_model.config.latent_channels),
+        vae_scale_factor=2 ** (len(vae_model.config.block_out_channels) - 1),
+        vae_kind=vae_kind,
+    )
+    if family.denoiser == "transformer":
+        dims = _transformer_dims(source, family, parts, denoiser.config, common)
+    else:
+        dims = _unet_dims(source, family, parts, denoiser.config, common)
     vae_source = {"path": str(vae_folder), "class": type(vae_model).__name__} if vae else {}
     return LoadedPipeline(source, family, parts, tokenizers, scheduler_config, index, dims, vae_source)

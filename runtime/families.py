@@ -34,7 +34,13 @@ from sdrt.runtime.manifest import TensorSpec
 
 VAE_KINDS = ("kl", "tiny")  # AutoencoderKL (encoder gives a Gaussian's parameters), AutoencoderTiny (latents)
 TASKS = ("text-to-image", "image-to-image", "inpainting")
-ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "unet_control")
+ALL_COMPONENTS = (
+    "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder",
+    "unet_control",
+)  # fmt: skip
+# The denoiser of a family: a UNet (SD 1.x/2.x, SDXL) or a diffusion transformer (SD 3's MMDiT). Everything
+# that needs "the model the loop calls every step" reads Family.denoiser, never a literal component name.
+DENOISERS = ("unet", "transformer")
 # Exported only when asked for (sdrt export --controlnet-unet), opened only when a ControlNet is loaded.
 OPTIONAL_COMPONENTS = ("unet_control",)
 
@@ -60,6 +66,17 @@ class ModelDims:
     # down block and resnets per block. Empty in manifests written before sdrt recorded them.
     unet_block_channels: tuple[int, ...] = ()
     unet_layers_per_block: int = 0
+    # A transformer denoiser (SD 3): latents are cut into patch_size x patch_size patches, and its learned
+    # position embeddings cover pos_embed_max_size patches per side (the largest image it takes). 0 for a UNet.
+    patch_size: int = 0
+    pos_embed_max_size: int = 0
+    # SD 3's third text encoder (T5): its hidden size; its token count is chosen per call (max_sequence_length).
+    t5_hidden: int = 0
+    t5_default_length: int = 256  # diffusers' default max_sequence_length
+    t5_vocab_size: int = 0
+    # Each text encoder's pooled projection width, where more than the last one is pooled (SD 3: CLIP-L's and
+    # CLIP-G's, concatenated into pooled_dim). Empty: only the last encoder is pooled, at pooled_dim (SDXL).
+    text_pooled: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.vae_kind not in VAE_KINDS:
@@ -73,7 +90,13 @@ class ModelDims:
 
     @property
     def latent_multiple(self) -> int:
-        return 2 ** (self.unet_levels - 1)
+        """Latent sizes divide by this: a UNet halves them unet_levels - 1 times, a transformer cuts patches."""
+        return self.patch_size if self.patch_size else 2 ** (self.unet_levels - 1)
+
+    @property
+    def max_latent_size(self) -> int:
+        """The largest latent height or width the denoiser takes (0: no bound): a transformer's position grid."""
+        return self.pos_embed_max_size * self.patch_size
 
     @property
     def spatial_multiple(self) -> int:
@@ -88,6 +111,7 @@ class ModelDims:
         d = asdict(self)
         d["text_hidden"] = list(self.text_hidden)
         d["unet_block_channels"] = list(self.unet_block_channels)
+        d["text_pooled"] = list(self.text_pooled)
         return d
 
     @classmethod
@@ -97,6 +121,7 @@ class ModelDims:
                 **d,
                 "text_hidden": tuple(d["text_hidden"]),
                 "unet_block_channels": tuple(d.get("unet_block_channels", ())),
+                "text_pooled": tuple(d.get("text_pooled", ())),
             }
         )
 
@@ -137,10 +162,11 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class TextEncoderRole:
-    component: str  # text_encoder, text_encoder_2
+    component: str  # text_encoder, text_encoder_2, text_encoder_3
     tokenizer: str  # its tokenizer folder
     hidden_output: str  # the output the UNet's conditioning takes: last_hidden_state or penultimate_hidden_state
     pooled_output: str = ""  # the pooled output the UNet takes as text_embeds (SDXL's second encoder)
+    kind: str = "clip"  # "clip" (77 tokens, CLIPTextModel[WithProjection]) or "t5" (T5EncoderModel, tokens per call)
 
 
 @dataclass(frozen=True)
@@ -159,16 +185,17 @@ class Family:
     inpainting_guidance: float = 7.5  # (SDXL's inpainting pipeline defaults to 7.5, its others to 5.0)
     # The diffusers pipeline class per task (the benchmark's baseline, the tests' reference).
     diffusers_classes: dict[str, str] = field(default_factory=dict)
+    denoiser: str = "unet"  # the component the loop calls every step: "unet" or "transformer" (DENOISERS)
 
     def components(self) -> tuple[str, ...]:
-        return (*(r.component for r in self.text_encoders), "unet", "vae_decoder", "vae_encoder")
+        return (*(r.component for r in self.text_encoders), self.denoiser, "vae_decoder", "vae_encoder")
 
     def specs(self, dims: ModelDims) -> dict[str, ComponentSpec]:
         specs = {role.component: _text_encoder_spec(role, dims, i) for i, role in enumerate(self.text_encoders)}
-        specs["unet"] = _unet_spec(dims)
+        specs[self.denoiser] = _DENOISER_SPECS[self.denoiser](dims)
         specs.update(_vae_specs(dims))
-        if dims.unet_block_channels and dims.unet_layers_per_block:  # manifests that record the UNet's layout
-            specs["unet_control"] = control_specs(dims)["unet_control"]
+        if self.denoiser == "unet" and dims.unet_block_channels and dims.unet_layers_per_block:
+            specs["unet_control"] = control_specs(dims)["unet_control"]  # manifests that record the UNet's layout
         return specs
 
     def defaults(self, dims: ModelDims, task: str = "text-to-image") -> dict:
@@ -188,6 +215,11 @@ SDXL_CLASSES = {
     "text-to-image": "StableDiffusionXLPipeline",
     "image-to-image": "StableDiffusionXLImg2ImgPipeline",
     "inpainting": "StableDiffusionXLInpaintPipeline",
+}
+SD3_CLASSES = {
+    "text-to-image": "StableDiffusion3Pipeline",
+    "image-to-image": "StableDiffusion3Img2ImgPipeline",
+    "inpainting": "StableDiffusion3InpaintPipeline",
 }
 _SD_PIPELINES = (*SD_CLASSES.values(), "LatentConsistencyModelPipeline")
 _CLIP = (TextEncoderRole("text_encoder", "tokenizer", "last_hidden_state"),)
@@ -228,6 +260,25 @@ FAMILIES: dict[str, Family] = {
             diffusers_classes=SDXL_CLASSES,
         ),
         Family(
+            "sd3",
+            "Stable Diffusion 3 / 3.5 (MMDiT transformer; CLIP-L, CLIP-G and T5 text encoders; flow matching)",
+            tuple(SD3_CLASSES.values()),
+            (
+                TextEncoderRole("text_encoder", "tokenizer", "penultimate_hidden_state", "text_embeds"),
+                TextEncoderRole("text_encoder_2", "tokenizer_2", "penultimate_hidden_state", "text_embeds"),
+                TextEncoderRole("text_encoder_3", "tokenizer_3", "last_hidden_state", kind="t5"),
+            ),
+            default_guidance=7.0,
+            default_strength=0.6,
+            inpainting_strength=0.6,
+            inpainting_guidance=7.0,
+            # T5's feed-forward activations exceed fp16's range (diffusers keeps T5 in fp32/bf16 for fp16 SD 3);
+            # the MMDiT's own are within it, as NVIDIA's and diffusers' fp16 SD 3 pipelines run it.
+            fp16_exceptions={"text_encoder_3": "fp32"},
+            diffusers_classes=SD3_CLASSES,
+            denoiser="transformer",
+        ),
+        Family(
             "sdxl-refiner",
             "Stable Diffusion XL refiner (second text encoder only, aesthetic-score conditioning)",
             ("StableDiffusionXLImg2ImgPipeline",),
@@ -257,11 +308,18 @@ def supported_pipelines() -> list[str]:
     return sorted({p for f in FAMILIES.values() for p in f.pipelines})
 
 
+def denoiser_folder(model_index: dict) -> str:
+    """The folder of a diffusers pipeline's denoiser: "transformer" when model_index.json names one, else "unet"."""
+    return "transformer" if (model_index.get("transformer") or [None])[0] is not None else "unet"
+
+
 def detect(model_index: dict, unet_config: dict) -> Family:
-    """The family of a diffusers folder, from ``model_index.json`` and its component configs."""
+    """The family of a diffusers folder, from ``model_index.json`` and its denoiser's config."""
     kind = model_index.get("_class_name")
     if kind not in supported_pipelines():
         raise ExportError(f"model_index.json: expected a pipeline of {', '.join(supported_pipelines())}, got {kind!r}")
+    if kind.startswith("StableDiffusion3"):
+        return FAMILIES["sd3"]
     if kind.startswith("StableDiffusionXL"):
         has_first_encoder = (model_index.get("text_encoder") or [None])[0] is not None
         return FAMILIES["sdxl" if has_first_encoder else "sdxl-refiner"]
@@ -273,8 +331,10 @@ def detect(model_index: dict, unet_config: dict) -> Family:
 
 
 # -- tensor specs ---------------------------------------------------------------------------------
-def sizes(dims: ModelDims, batch: int, latent_height: int, latent_width: int) -> dict[str, int]:
-    """Values for every symbolic dimension, from a batch and a latent size."""
+def sizes(dims: ModelDims, batch: int, latent_height: int, latent_width: int, t5_tokens: int = 0) -> dict[str, int]:
+    """Values for every symbolic dimension, from a batch and a latent size (and SD 3's T5 token count: default
+    the model's default max_sequence_length)."""
+    t5_tokens = t5_tokens or dims.t5_default_length
     f = dims.vae_scale_factor
     values = {
         "batch": batch,
@@ -286,6 +346,9 @@ def sizes(dims: ModelDims, batch: int, latent_height: int, latent_width: int) ->
     for level in range(1, dims.unet_levels):  # the UNet's inner resolutions (latent sizes divide by 2**(levels-1))
         values[reduced("latent_height", level)] = latent_height // 2**level
         values[reduced("latent_width", level)] = latent_width // 2**level
+    if dims.t5_hidden:  # SD 3: T5's tokens per call, and the transformer's text tokens (77 CLIP + T5's)
+        values["t5_tokens"] = t5_tokens
+        values["text_tokens"] = dims.text_length + t5_tokens
     return values
 
 
@@ -330,6 +393,15 @@ def random_inputs(specs, values: dict[str, int], rng: np.random.Generator, high:
 
 
 def _text_encoder_spec(role: TextEncoderRole, dims: ModelDims, index: int) -> ComponentSpec:
+    if role.kind == "t5":  # T5's token count is the call's max_sequence_length: a symbolic dimension
+        return ComponentSpec(
+            role.component,
+            (TensorSpec("input_ids", "int64", ["batch", "t5_tokens"]),),
+            (TensorSpec("last_hidden_state", "float32", ["batch", "t5_tokens", dims.t5_hidden]),),
+            wrapper="TextEncoder",
+            ort_model_type="t5",
+            batch="prompts",
+        )
     n, h = dims.text_length, dims.text_hidden[index]
     if role.hidden_output == "last_hidden_state":  # SD 1.x/2.x: the classic (and optimum's) pair of outputs
         outputs = [
@@ -339,7 +411,8 @@ def _text_encoder_spec(role: TextEncoderRole, dims: ModelDims, index: int) -> Co
     else:
         outputs = [TensorSpec(role.hidden_output, "float32", ["batch", n, h])]
         if role.pooled_output:
-            outputs.append(TensorSpec(role.pooled_output, "float32", ["batch", dims.pooled_dim]))
+            width = dims.text_pooled[index] if dims.text_pooled else dims.pooled_dim
+            outputs.append(TensorSpec(role.pooled_output, "float32", ["batch", width]))
     return ComponentSpec(
         role.component,
         (TensorSpec("input_ids", "int64", ["batch", n]),),
@@ -381,6 +454,37 @@ def _unet_spec(dims: ModelDims) -> ComponentSpec:
         batch="guidance",
         sample_overrides=plausible,
     )
+
+
+def _transformer_spec(dims: ModelDims) -> ComponentSpec:
+    """SD 3's MMDiT, with diffusers' argument names: latents, the joint text tokens (CLIP-L and CLIP-G hidden
+    states concatenated and zero-padded to T5's width, then T5's tokens), the pooled CLIP projections and the
+    timestep (1000 sigma) -> the velocity."""
+    latent = ["batch", dims.latent_channels, "latent_height", "latent_width"]
+
+    def plausible(feed, rng):
+        return {"timestep": rng.uniform(0, 1000, size=feed["timestep"].shape).astype(np.float32)}
+
+    return ComponentSpec(
+        "transformer",
+        (
+            TensorSpec("hidden_states", "float32", latent),
+            TensorSpec("encoder_hidden_states", "float32", ["batch", "text_tokens", dims.cross_attention_dim]),
+            TensorSpec("pooled_projections", "float32", ["batch", dims.pooled_dim]),
+            TensorSpec("timestep", "float32", ["batch"]),
+        ),
+        (TensorSpec("out_sample", "float32", latent),),
+        wrapper="Transformer",
+        ort_model_type="mmdit",
+        batch="guidance",
+        sample_overrides=plausible,
+    )
+
+
+_DENOISER_SPECS: dict[str, Callable[[ModelDims], ComponentSpec]] = {
+    "unet": lambda dims: _unet_spec(dims),
+    "transformer": lambda dims: _transformer_spec(dims),
+}
 
 
 def control_specs(dims: ModelDims) -> dict[str, ComponentSpec]:

@@ -212,6 +212,23 @@ class StepTimes:
         timings["scheduler_and_guidance"] = sum(timings["step_overhead"])
 
 
+# The families whose denoising loop this runtime has; the others export and verify (sdrt export) but do not run yet.
+RUNNABLE_DENOISERS = ("unet",)
+
+
+def check_runnable(manifest: Manifest, root: Path) -> None:
+    """ArtifactError for artifacts of a family the runtime cannot generate with yet, before anything is opened."""
+    family = manifest.model_family
+    if family.denoiser not in RUNNABLE_DENOISERS:
+        raise ArtifactError(
+            f"{root}: expected artifacts of a family sdrt's runtime generates with ("
+            f"{', '.join(f.name for f in families.FAMILIES.values() if f.denoiser in RUNNABLE_DENOISERS)}), got "
+            f"{family.name} ({family.description}): its graphs export and are verified against PyTorch, but the "
+            f"runtime's {family.denoiser} loop is not there yet; run them with diffusers' "
+            f"{family.diffusers_classes.get('text-to-image')} meanwhile"
+        )
+
+
 class Pipeline:
     def __init__(
         self,
@@ -315,6 +332,7 @@ class Pipeline:
             backends.check_usable(backends.get(backend), precision)
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
         timings = {"manifest": time.perf_counter() - t0}
+        check_runnable(manifest, root)
         if backend == choice.AUTO:
             resolved = choice.resolve(root, manifest, precision)
             backend, precision, why = resolved.backend, resolved.precision, resolved.why

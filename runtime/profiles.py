@@ -98,7 +98,15 @@ def dimension_ranges(component: str, manifest: Manifest, ranges: ShapeRanges) ->
         for name, pixels in (("latent_height", ranges.height), ("latent_width", ranges.width)):
             d = f * 2**level
             out[reduced(name, level)] = Range(pixels.min // d, pixels.opt // d, pixels.max // d)
+    dims = manifest.model_dims
+    if dims.t5_hidden:  # SD 3: T5's tokens per call (max_sequence_length), up to T5's 512; the joint text tokens
+        t5 = Range(1, dims.t5_default_length, max(T5_MAX_TOKENS, dims.t5_default_length))
+        out["t5_tokens"] = t5
+        out["text_tokens"] = Range(dims.text_length + t5.min, dims.text_length + t5.opt, dims.text_length + t5.max)
     return out
+
+
+T5_MAX_TOKENS = 512  # SD 3's T5 tokenizer's model_max_length: diffusers' limit on max_sequence_length
 
 
 Shape = tuple[int, ...]

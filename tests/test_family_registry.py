@@ -5,7 +5,7 @@ import pytest
 
 from sdrt.runtime import families
 from sdrt.runtime.errors import ExportError
-from sdrt.runtime.families import FAMILIES, ModelDims
+from sdrt.runtime.families import DENOISERS, FAMILIES, ModelDims
 
 SD_UNET = {"cross_attention_dim": 768, "in_channels": 4}
 
@@ -70,7 +70,9 @@ def test_every_family_describes_every_component_it_lists():
             text_hidden=(32,) * len(family.text_encoders), pooled_dim=32, time_ids=6 if family.micro_conditioning else 0
         )
         assert set(family.specs(d)) == set(family.components()), family.name
-        assert family.components()[-3:] == ("unet", "vae_decoder", "vae_encoder")
+        assert family.denoiser in DENOISERS  # one description for a UNet or a transformer denoiser
+        assert family.components()[-3:] == (family.denoiser, "vae_decoder", "vae_encoder")
+        assert family.specs(d)[family.denoiser].batch == "guidance"
 
 
 def test_the_tiny_autoencoder_encodes_to_latents():
