@@ -287,7 +287,9 @@ def _engines(args: argparse.Namespace) -> int:
             _print_cpu_report(build_controlnet_engines(folder, args.artifacts, args.force, fuse=not args.no_fusions))
     if not args.no_cpu:
         _openvino_engines(args.artifacts, ranges, components, args.force)
-    runnable = manifest.model_family.denoiser in ("unet",)  # sdrt.runtime.pipeline.RUNNABLE_DENOISERS
+    from sdrt.runtime.pipeline import RUNNABLE_DENOISERS
+
+    runnable = manifest.model_family.denoiser in RUNNABLE_DENOISERS
     if not args.no_cpu and not args.no_choice and not runnable:
         print(f"backend auto: not measured ({manifest.family}: the runtime does not generate with this family yet)")
     elif not args.no_cpu and not args.no_choice:

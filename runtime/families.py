@@ -186,6 +186,7 @@ class Family:
     # The diffusers pipeline class per task (the benchmark's baseline, the tests' reference).
     diffusers_classes: dict[str, str] = field(default_factory=dict)
     denoiser: str = "unet"  # the component the loop calls every step: "unet" or "transformer" (DENOISERS)
+    default_steps: int = 50  # denoising steps when none are given (diffusers' default for the family)
 
     def components(self) -> tuple[str, ...]:
         return (*(r.component for r in self.text_encoders), self.denoiser, "vae_decoder", "vae_encoder")
@@ -203,7 +204,7 @@ class Family:
         if dims.time_cond_dim:
             return {"num_inference_steps": 4, "guidance_scale": 8.5}
         guidance = self.inpainting_guidance if task == "inpainting" else self.default_guidance
-        return {"num_inference_steps": 50, "guidance_scale": guidance}
+        return {"num_inference_steps": self.default_steps, "guidance_scale": guidance}
 
 
 SD_CLASSES = {
@@ -277,6 +278,7 @@ FAMILIES: dict[str, Family] = {
             fp16_exceptions={"text_encoder_3": "fp32"},
             diffusers_classes=SD3_CLASSES,
             denoiser="transformer",
+            default_steps=28,
         ),
         Family(
             "sdxl-refiner",

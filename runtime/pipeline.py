@@ -30,7 +30,7 @@ from sdrt.runtime.errors import ArtifactError, BackendError, InputError, Numeric
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Component, Manifest
-from sdrt.runtime.profiles import ShapeRanges, check_shapes
+from sdrt.runtime.profiles import T5_MAX_TOKENS, ShapeRanges, check_shapes
 from sdrt.runtime.rng import GENERATORS, PrefetchingNoise, make_generator
 from sdrt.runtime.session import Session
 from sdrt.runtime.tokenizer import ClipTokenizer
@@ -93,6 +93,20 @@ class Request:
     denoising_start: float | None = None
     denoising_end: float | None = None
     micro: dict = field(default_factory=dict)  # SDXL: original_size, crops_coords_top_left, target_size, scores
+    # Per text encoder, in the family's order: its prompts and negative prompts (prompt_2, prompt_3 ...);
+    # empty: every encoder takes ``prompts`` / ``negatives``.
+    prompt_sets: tuple = ()
+    negative_sets: tuple = ()
+    t5_length: int = 0  # SD 3: T5's tokens per prompt (max_sequence_length)
+
+    def texts(self, index: int, negatives: list[str] | None) -> list[str]:
+        """The prompts, then the negative prompts (``negatives``: those of the first encoder, or none), of text
+        encoder ``index``."""
+        prompts = self.prompt_sets[index] if self.prompt_sets else self.prompts
+        if not negatives:
+            return list(prompts)
+        own = self.negative_sets[index] if self.negative_sets else None
+        return list(prompts) + list(own if own is not None else negatives)
 
     @property
     def batch(self) -> int:
@@ -213,7 +227,10 @@ class StepTimes:
 
 
 # The families whose denoising loop this runtime has; the others export and verify (sdrt export) but do not run yet.
-RUNNABLE_DENOISERS = ("unet",)
+RUNNABLE_DENOISERS = ("unet", "transformer")
+# What the runtime does with a transformer family (SD 3) so far: text-to-image with every prompt path, no LoRA,
+# ControlNet or image input yet.
+TRANSFORMER_TASKS = ("text-to-image",)
 
 
 def check_runnable(manifest: Manifest, root: Path) -> None:
@@ -258,6 +275,7 @@ class Pipeline:
             self.tokenizers[role.tokenizer] = ClipTokenizer.from_tokenizer_dir(
                 root / info.path, info.max_length, info.pad_token_id
             )
+        self._sized_tokenizers: dict[tuple[str, int], ClipTokenizer] = {}  # SD 3's T5 at other token counts
         self.scheduler_config = schedulers.read_config(root / manifest.scheduler_config)
         self.scheduler = schedulers.from_config(self.scheduler_config, scheduler)
         # LoRA adapters: files by registered name (register_lora) or path, and sessions per adapter set.
@@ -351,7 +369,8 @@ class Pipeline:
             unknown = sorted(set(components) - set(family))
             if unknown:
                 raise InputError(f"components: expected names from {', '.join(family)}, got {unknown}")
-            names = tuple(c for c in names if c in components or c not in ("vae_decoder", "vae_encoder"))
+            optional = ("vae_decoder", "vae_encoder", "text_encoder_3")  # SD 3 without T5: zeros in its place
+            names = tuple(c for c in names if c in components or c not in optional)
         # ControlNets are checked before anything is opened: each fits the model, which has unet_control
         nets = []
         for k, folder in enumerate(controlnets or ()):
@@ -444,8 +463,17 @@ class Pipeline:
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        max_sequence_length: int | None = None,
     ) -> GenerationResult:
         """Generate images; arguments as diffusers' pipelines for the model's family and the task.
+
+        ``prompt_2`` / ``prompt_3`` (and their negatives): the prompts of the second and third text encoder (SDXL's
+        CLIP-G; SD 3's CLIP-G and T5), each defaulting to ``prompt`` (``negative_prompt``). ``max_sequence_length``
+        (SD 3): T5's tokens per prompt, default 256, at most 512.
 
         The task follows from the inputs: ``image`` makes it image-to-image (a PIL image, a path, a NumPy
         array, or a list of them; or latents of shape (n, latent channels, h, w), e.g. an SDXL base's
@@ -539,6 +567,7 @@ class Pipeline:
             a["prompt"], a["negative_prompt"], a["image"], a["mask_image"], a["strength"], height, width,
             guidance, a["num_images_per_prompt"], a["denoising_start"], a["denoising_end"], micro,
         )  # fmt: skip
+        request = self._text_arguments(request, a)
         name = a["scheduler"]
         sched = self.scheduler if name is None else schedulers.from_config(self.scheduler_config, name)
         run, n = self.schedule(sched, steps, request, a["eta"])
@@ -548,6 +577,8 @@ class Pipeline:
             if request.task == "image-to-image":
                 raise InputError("latents: image-to-image noises the encoded image; give a seed instead of latents")
             latents = validation.finite_array("latents", latents, shape=shape)
+        if a["loras"] and self.family.denoiser != "unet":
+            raise lora.LoraError(f"loras: LoRA adapters are for UNet models so far, not {self.family.name}")
         adapters = self.loras.adapter_set(a["loras"], allow_paths=self.lora_paths)
         self.adapters.check(adapters)
         seed = int(np.random.SeedSequence().entropy % 2**63) if a["seed"] is None else int(a["seed"])
@@ -684,6 +715,12 @@ class Pipeline:
                     hint=f" (a multiple of {self.manifest.spatial_multiple} pixels, or None for the default)",
                 )  # fmt: skip
         task = _task(image, mask_image)
+        if self.family.denoiser == "transformer" and task not in TRANSFORMER_TASKS:
+            raise InputError(
+                f"image: the {self.family.name} runtime generates {', '.join(TRANSFORMER_TASKS)} so far, got {task} "
+                f"(image-to-image and inpainting for it are not there yet; diffusers' "
+                f"{self.family.diffusers_classes.get(task)} runs them)"
+            )
         if mask_image is not None and image is None:
             raise InputError("mask_image: inpainting needs the image to repaint too (image=...), got only the mask")
         if task == "text-to-image" and self.family.micro_conditioning == "refiner":
@@ -769,6 +806,55 @@ class Pipeline:
             pixels, mask, strength, denoising_start, denoising_end, request_micro,
         )  # fmt: skip
 
+    def _text_arguments(self, request: Request, a: dict) -> Request:
+        """``prompt_2``/``prompt_3`` (and negatives) per text encoder, and SD 3's ``max_sequence_length``: refused
+        for a model without that encoder, counted against ``prompt``."""
+        roles = self.family.text_encoders
+        n = len(request.prompts)
+        prompt_sets, negative_sets = [request.prompts], [request.negatives]
+        for k, (pname, nname) in enumerate((("prompt_2", "negative_prompt_2"), ("prompt_3", "negative_prompt_3")), 2):
+            for name in (pname, nname):
+                if a[name] is not None and len(roles) < k:
+                    raise InputError(
+                        f"{name}: applies to models with {k} text encoders or more (SDXL, SD 3), this "
+                        f"{self.family.name} model has {len(roles)}; got {a[name]!r}"
+                    )
+            if len(roles) >= k:
+                given = a[pname]
+                prompt_sets.append(request.prompts if given is None else validation.prompts(pname, given, count=n))
+                given = a[nname]
+                if request.negatives is None:
+                    negative_sets.append(None)
+                else:
+                    negative_sets.append(
+                        request.negatives if given is None else validation.prompts(nname, given, count=n)
+                    )
+        t5 = any(role.kind == "t5" for role in roles)
+        length = a["max_sequence_length"]
+        if length is not None and not t5:
+            raise InputError(
+                f"max_sequence_length: applies to models with a T5 text encoder (SD 3), not {self.family.name}; "
+                f"got {length!r}"
+            )
+        if t5:
+            length = self.dims.t5_default_length if length is None else length
+            validation.integer("max_sequence_length", length, low=1, high=T5_MAX_TOKENS)
+        return dataclasses.replace(
+            request, prompt_sets=tuple(prompt_sets), negative_sets=tuple(negative_sets), t5_length=int(length or 0)
+        )
+
+    def _tokenize(self, role, texts: list[str], length: int = 0) -> np.ndarray:
+        """Token ids of ``texts`` for ``role``; T5's at ``length`` tokens (a tokenizer per length, kept)."""
+        if role.kind != "t5" or not length or length == self.tokenizers[role.tokenizer].max_length:
+            return self.tokenizers[role.tokenizer](texts)
+        key = (role.tokenizer, length)
+        tokenizer = self._sized_tokenizers.get(key)
+        if tokenizer is None:
+            info = self.manifest.tokenizers[role.tokenizer]
+            tokenizer = ClipTokenizer.from_tokenizer_dir(self.root / info.path, length, info.pad_token_id)
+            self._sized_tokenizers[key] = tokenizer
+        return tokenizer(texts)
+
     def _check_profiles(self, batch: int, height: int, width: int, guided: bool) -> None:
         """Refuse, before any work, a size outside an engine's optimization profile (TensorRT sessions
         carry one; the onnxruntime and OpenVINO graphs take any size)."""
@@ -812,6 +898,14 @@ class Pipeline:
                 raise InputError(
                     f"{name}: expected a positive multiple of {m.spatial_multiple} pixels for this model, got {value!r}"
                 )
+        most = self.dims.max_latent_size
+        for name, value in (("height", height), ("width", width)):
+            if most and int(value) // m.vae_scale_factor > most:
+                raise InputError(
+                    f"{name}: expected at most {most * m.vae_scale_factor} pixels (the {self.family.denoiser}'s "
+                    f"position embeddings cover {self.dims.pos_embed_max_size} patches of {self.dims.patch_size} "
+                    f"latents), got {value}"
+                )
         return batch, m.latent_channels, int(height) // m.vae_scale_factor, int(width) // m.vae_scale_factor
 
     # -- schedule ----------------------------------------------------------------------------------
@@ -825,6 +919,12 @@ class Pipeline:
             full = sched.start(num_inference_steps, eta=eta)
             begin = conditioning.denoising_start_begin(full.timesteps, sched.order, n_train, request.denoising_start)
             run = sched.start(num_inference_steps, eta=eta, begin=begin)
+        elif getattr(sched, "flow_matching", False):  # SD 3: the shift grows with the image's tokens (mu)
+            mu = None
+            if sched.config.get("use_dynamic_shifting"):
+                f, patch = self.dims.vae_scale_factor, self.dims.patch_size
+                mu = sched.mu((request.height // f // patch) * (request.width // f // patch))
+            run = sched.start(num_inference_steps, strength=request.strength, eta=eta, mu=mu)
         else:
             run = sched.start(num_inference_steps, strength=request.strength, eta=eta)
         steps = len(run.timesteps)
@@ -843,11 +943,13 @@ class Pipeline:
         each prompt's row repeated ``images_per_prompt`` times consecutively (as diffusers). ``sessions``:
         the call's (an adapter set's text encoders), else the base's."""
         sessions = self.sessions if sessions is None else sessions
+        if any(role.kind == "t5" for role in self.family.text_encoders):
+            return self._encode_prompt_joint(request, sessions)
         roles, n = self.family.text_encoders, len(request.prompts)
         negatives = request.negatives if request.guided and request.negatives is not None else []
-        texts = request.prompts + negatives
         hidden, pooled = [], None
-        for role in roles:
+        for index, role in enumerate(roles):
+            texts = request.texts(index, negatives)
             out = sessions[role.component].run({"input_ids": self.tokenizers[role.tokenizer](texts)})
             self._check_finite(role.component, out)
             hidden.append(out[role.hidden_output])
@@ -869,6 +971,43 @@ class Pipeline:
         if pooled is not None:
             feed["text_embeds"] = np.concatenate([np.repeat(p, k, axis=0) for p in pooled_pair])
         feed.update(self._micro_conditioning(request, len(rows)))
+        return Conditioning(feed)
+
+    def _encode_prompt_joint(self, request: Request, sessions: Mapping[str, Session]) -> Conditioning:
+        """SD 3's conditioning, as diffusers' StableDiffusion3Pipeline.encode_prompt: CLIP-L's and CLIP-G's
+        penultimate hidden states side by side, zero-padded to T5's width, then T5's tokens (zeros without T5);
+        their pooled projections side by side. Unconditional rows encode the negative prompt ("" by default)."""
+        n, k = len(request.prompts), request.images_per_prompt
+        negatives = (request.negatives or [""] * n) if request.guided else []
+        length = request.t5_length or self.dims.t5_default_length
+        hidden, pooled, t5 = [], [], None
+        for index, role in enumerate(self.family.text_encoders):
+            texts = request.texts(index, negatives)
+            if role.kind == "t5":
+                if role.component in sessions:
+                    out = sessions[role.component].run({"input_ids": self._tokenize(role, texts, length)})
+                    self._check_finite(role.component, out)
+                    t5 = out[role.hidden_output]
+                continue
+            out = sessions[role.component].run({"input_ids": self.tokenizers[role.tokenizer](texts)})
+            self._check_finite(role.component, out)
+            hidden.append(out[role.hidden_output])
+            pooled.append(out[role.pooled_output])
+        clip = np.concatenate(hidden, axis=-1)
+        width = self.dims.t5_hidden
+        if t5 is None:  # without T5, as diffusers with text_encoder_3=None: zeros in its place
+            t5 = np.zeros((clip.shape[0], length, width), np.float32)
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+        embeds = np.concatenate([clip, t5], axis=1)
+        pooled_all = np.concatenate(pooled, axis=-1)
+        if request.guided:  # [unconditional rows, conditional rows]
+            rows, pooled_rows = [embeds[n:], embeds[:n]], [pooled_all[n:], pooled_all[:n]]
+        else:
+            rows, pooled_rows = [embeds], [pooled_all]
+        feed = {
+            "encoder_hidden_states": np.concatenate([np.repeat(r, k, axis=0) for r in rows]).astype(np.float32),
+            "pooled_projections": np.concatenate([np.repeat(r, k, axis=0) for r in pooled_rows]).astype(np.float32),
+        }
         return Conditioning(feed)
 
     def _micro_conditioning(self, request: Request, groups: int) -> dict[str, np.ndarray]:
@@ -983,7 +1122,9 @@ class Pipeline:
         if not jobs:
             return
         controlled = jobs[0].control is not None
-        unet = (jobs[0].sessions or self.sessions)["unet_control" if controlled else "unet"]
+        denoiser = self.family.denoiser
+        unet = (jobs[0].sessions or self.sessions)["unet_control" if controlled else denoiser]
+        x_name = "hidden_states" if denoiser == "transformer" else "sample"  # the latents' input, as diffusers names it
         times, active = StepTimes(), list(jobs)
         steps = jobs[0].steps
         with ExitStack() as stack:
@@ -1003,7 +1144,7 @@ class Pipeline:
                 if controlled:
                     feed = {**feed, **self._control_residuals(active, parts, i)}
                     times.mark("controlnet")
-                pred = unet.run({"sample": x, "timestep": t, **feed})["out_sample"]
+                pred = unet.run({x_name: x, "timestep": t, **feed})["out_sample"]
                 times.mark("unet")
                 rows = np.cumsum([0] + [len(p) for p in parts])
                 preds = [pred[lo:hi] for lo, hi in zip(rows[:-1], rows[1:])]
@@ -1011,7 +1152,7 @@ class Pipeline:
                     if not np.isfinite(p).all():
                         try:
                             self._check_finite(
-                                "unet", {"out_sample": p}, f" at step {i + 1} of {steps} (timestep {t[0]:g})"
+                                denoiser, {"out_sample": p}, f" at step {i + 1} of {steps} (timestep {t[0]:g})"
                             )
                         except NumericalError as e:
                             job.error = e
@@ -1082,7 +1223,11 @@ class Pipeline:
     # -- stage 4: the images -----------------------------------------------------------------------
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> float images in [0, 1], NHWC."""
-        scaled = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        shift = float(self.manifest.vae.get("shift_factor") or 0.0)  # SD 3's VAE: latents were (z - shift) * scale
+        if shift:
+            scaled = scaled + np.float32(shift)
+        scaled = scaled.astype(np.float32, copy=False)
         image = self.sessions["vae_decoder"].run({"latent": scaled})["image"]
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 

@@ -1,0 +1,117 @@
+"""SD 3 text-to-image in the NumPy runtime against diffusers' StableDiffusion3Pipeline on the tiny SD 3 model, at
+fp32 with the same latents or seed: guided and unguided, each text encoder's own prompt and negative prompt, another
+max_sequence_length, T5 left out (zeros in its place, as diffusers with text_encoder_3=None), and dynamic shifting.
+Each case also checks its argument moved the image, so a wrong prompt path or scheduler cannot pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_families import as_uint8, assert_close
+
+from sdrt.runtime import InputError, Pipeline
+from sdrt.runtime.lora import LoraError
+
+PROMPT = "a photograph of an astronaut riding a horse"
+SIZE = dict(height=64, width=64, num_inference_steps=3)
+
+
+@pytest.fixture(scope="module")
+def sd3(family_models, family_artifacts):
+    from diffusers import StableDiffusion3Pipeline
+
+    folder, artifacts = family_models("tiny-sd3"), family_artifacts("tiny-sd3")
+    torch.set_num_threads(2)
+    reference = StableDiffusion3Pipeline.from_pretrained(folder)
+    reference.set_progress_bar_config(disable=True)
+    with Pipeline.load(artifacts, backend="onnxruntime") as pipe:
+        yield reference, pipe, artifacts
+
+
+def _latents(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 16, 8, 8)).astype(np.float32)
+
+
+def _pair(sd3, pipe=None, reference=None, **kwargs):
+    ref, ours, _ = sd3
+    latents = _latents()
+    want = as_uint8(
+        (reference or ref)(PROMPT, latents=torch.from_numpy(latents), output_type="np", **SIZE, **kwargs).images
+    )
+    got = (pipe or ours)(PROMPT, latents=latents, **SIZE, **kwargs).images
+    assert_close(got, want)
+    return got
+
+
+def test_text_to_image_with_guidance_equals_diffusers(sd3):
+    guided = _pair(sd3)
+    unguided = _pair(sd3, guidance_scale=1.0)
+    assert np.abs(guided.astype(int) - unguided).mean() > 3  # guidance changed the image
+
+
+def test_each_encoders_own_prompt_equals_diffusers(sd3):
+    base = _pair(sd3)
+    own = _pair(sd3, prompt_2="a red sports car", prompt_3="a blue sailing boat", negative_prompt="blurry",
+                negative_prompt_2="dark", negative_prompt_3="ugly")  # fmt: skip
+    assert np.abs(own.astype(int) - base).mean() > 3
+
+
+def test_another_max_sequence_length_equals_diffusers(sd3):
+    base = _pair(sd3)
+    short = _pair(sd3, max_sequence_length=32)
+    assert np.abs(short.astype(int) - base).mean() > 0.5
+
+
+def test_without_t5_equals_diffusers_without_its_encoder(sd3):
+    ref, _, artifacts = sd3
+    base = _pair(sd3)
+    parts = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+    with Pipeline.load(artifacts, backend="onnxruntime", components=parts) as no_t5:
+        assert "text_encoder_3" not in no_t5.sessions
+        encoder, tokenizer = ref.text_encoder_3, ref.tokenizer_3
+        ref.text_encoder_3 = ref.tokenizer_3 = None
+        try:
+            got = _pair(sd3, pipe=no_t5)
+        finally:
+            ref.text_encoder_3, ref.tokenizer_3 = encoder, tokenizer
+    assert np.abs(got.astype(int) - base).mean() > 0.5
+
+
+def test_dynamic_shifting_and_a_seed_equal_diffusers(sd3):
+    """SD 3.5's scheduler options: mu from the image's patch count (calculate_shift), and the seed's noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdrt.runtime import schedulers
+
+    ref, pipe, _ = sd3
+    config = {**ref.scheduler.config, "use_dynamic_shifting": True}
+    own = pipe.scheduler
+    try:
+        ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        pipe.scheduler = schedulers.from_config({**config, "_class_name": "FlowMatchEulerDiscreteScheduler"})
+        want = as_uint8(ref(PROMPT, output_type="np", generator=torch.Generator().manual_seed(7), **SIZE).images)
+        got = pipe(PROMPT, seed=7, **SIZE).images
+        assert_close(got, want)
+    finally:
+        ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config({**config, "use_dynamic_shifting": False})
+        pipe.scheduler = own
+
+
+def test_sd3_arguments_and_sizes_are_checked(sd3, tiny_artifacts):
+    _, pipe, _ = sd3
+    with pytest.raises(InputError, match=r"max_sequence_length: expected an integer in \[1, 512\]"):
+        pipe(PROMPT, max_sequence_length=600, **SIZE)
+    with pytest.raises(InputError, match="height: expected at most 1024 pixels"):
+        pipe(PROMPT, height=1040, width=64, num_inference_steps=1)
+    with pytest.raises(InputError, match="image: the sd3 runtime generates text-to-image so far"):
+        pipe(PROMPT, image=np.zeros((64, 64, 3), np.uint8), **SIZE)
+    with pytest.raises(InputError, match=r"prompt_2: expected 1 or 1 strings \(one per prompt\), got 2"):
+        pipe(PROMPT, prompt_2=["a", "b"], **SIZE)
+    with pytest.raises(LoraError, match="LoRA adapters are for UNet models so far, not sd3"):
+        pipe(PROMPT, loras=[("x.safetensors", 1.0)], **SIZE)
+    with Pipeline.load(tiny_artifacts) as sd1:
+        with pytest.raises(InputError, match="max_sequence_length: applies to models with a T5 text encoder"):
+            sd1(PROMPT, max_sequence_length=77, num_inference_steps=1, height=64, width=64)
+        with pytest.raises(InputError, match="prompt_3: applies to models with 3 text encoders or more"):
+            sd1(PROMPT, prompt_3="x", num_inference_steps=1, height=64, width=64)
