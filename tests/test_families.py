@@ -81,15 +81,23 @@ def sdxl_reference(family_models):
     return reference("StableDiffusionXLPipeline", family_models("tiny-sdxl"))
 
 
-@pytest.mark.parametrize(("negative", "height", "width"), [(None, 64, 64), ("blurry", 96, 64)])
-def test_sdxl_text_to_image(sdxl, sdxl_reference, rng, negative, height, width):
+SECOND = {"prompt_2": ["a green tree", "a blue sphere"], "negative_prompt_2": "dark"}  # text_encoder_2's own
+
+
+@pytest.mark.parametrize(
+    ("negative", "height", "width", "extra"), [(None, 64, 64, {}), ("blurry", 96, 64, {}), ("blurry", 64, 64, SECOND)]
+)
+def test_sdxl_text_to_image(sdxl, sdxl_reference, rng, negative, height, width, extra):
     assert sdxl.manifest.family == "sdxl" and set(sdxl.sessions) >= {"text_encoder", "text_encoder_2"}
     latents = rng.standard_normal((2, 4, height // 8, width // 8), dtype=np.float32)
     args = dict(prompt=["an astronaut on a horse", "a red cube"], negative_prompt=negative, height=height, width=width,
-                num_inference_steps=3, guidance_scale=5.0)  # fmt: skip
+                num_inference_steps=3, guidance_scale=5.0, **extra)  # fmt: skip
     ours = sdxl(latents=latents, **args).images
     ref = sdxl_reference(latents=torch.from_numpy(latents), output_type="np", **args).images
     assert_close(ours, as_uint8(ref))
+    if extra:  # the second encoder's own prompts moved the image
+        same = {k: v for k, v in args.items() if k not in extra}
+        assert np.abs(sdxl(latents=latents, **same).images.astype(int) - ours).mean() > 1
 
 
 def test_sdxl_micro_conditioning_and_no_guidance(sdxl, sdxl_reference, rng):
