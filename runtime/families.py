@@ -187,6 +187,10 @@ class Family:
     diffusers_classes: dict[str, str] = field(default_factory=dict)
     denoiser: str = "unet"  # the component the loop calls every step: "unet" or "transformer" (DENOISERS)
     default_steps: int = 50  # denoising steps when none are given (diffusers' default for the family)
+    text_to_image_steps: int = 0  # another default for text-to-image alone (SD 3: 28, its other tasks 50)
+    # Image-to-image output size when none is given: the image's own (SD, SDXL) or the model's default (SD 3's
+    # pipelines resize the image to it, as their inpainting pipelines do).
+    img2img_default_size: bool = False
 
     def components(self) -> tuple[str, ...]:
         return (*(r.component for r in self.text_encoders), self.denoiser, "vae_decoder", "vae_encoder")
@@ -204,7 +208,8 @@ class Family:
         if dims.time_cond_dim:
             return {"num_inference_steps": 4, "guidance_scale": 8.5}
         guidance = self.inpainting_guidance if task == "inpainting" else self.default_guidance
-        return {"num_inference_steps": self.default_steps, "guidance_scale": guidance}
+        steps = self.text_to_image_steps if task == "text-to-image" and self.text_to_image_steps else self.default_steps
+        return {"num_inference_steps": steps, "guidance_scale": guidance}
 
 
 SD_CLASSES = {
@@ -278,7 +283,8 @@ FAMILIES: dict[str, Family] = {
             fp16_exceptions={"text_encoder_3": "fp32"},
             diffusers_classes=SD3_CLASSES,
             denoiser="transformer",
-            default_steps=28,
+            text_to_image_steps=28,
+            img2img_default_size=True,
         ),
         Family(
             "sdxl-refiner",

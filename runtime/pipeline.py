@@ -230,7 +230,7 @@ class StepTimes:
 RUNNABLE_DENOISERS = ("unet", "transformer")
 # What the runtime does with a transformer family (SD 3) so far: text-to-image with every prompt path, no LoRA,
 # ControlNet or image input yet.
-TRANSFORMER_TASKS = ("text-to-image",)
+TRANSFORMER_TASKS = ("text-to-image", "image-to-image", "inpainting")
 
 
 def check_runnable(manifest: Manifest, root: Path) -> None:
@@ -762,6 +762,8 @@ class Pipeline:
         )
         batch = len(prompts) * images_per_prompt
         default_h, default_w = self.manifest.default_height, self.manifest.default_width
+        if self.family.img2img_default_size and task == "image-to-image":  # SD 3: resized to the default size
+            height, width = height or default_h, width or default_w
         if task == "image-to-image" and (height is None or width is None):
             own = _own_size(image, self.dims.vae_scale_factor)  # read from the header: nothing decoded yet
             if own is not None:
@@ -1074,6 +1076,9 @@ class Pipeline:
             mean, logvar = np.split(out["latent_parameters"], 2, axis=1)
             std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
             latents = mean + std * generator.randn(mean.shape)
+        shift = float(self.manifest.vae.get("shift_factor") or 0.0)  # SD 3's VAE: (z - shift) * scale
+        if shift:
+            latents = latents - np.float32(shift)
         return (np.float32(self.manifest.vae_scaling_factor) * latents).astype(np.float32, copy=False)
 
     def _check_finite(self, component: str, outputs: dict[str, np.ndarray], where: str = "") -> None:

@@ -1,6 +1,7 @@
-"""SD 3 text-to-image in the NumPy runtime against diffusers' StableDiffusion3Pipeline on the tiny SD 3 model, at
-fp32 with the same latents or seed: guided and unguided, each text encoder's own prompt and negative prompt, another
-max_sequence_length, T5 left out (zeros in its place, as diffusers with text_encoder_3=None), and dynamic shifting.
+"""SD 3 in the NumPy runtime against diffusers' SD 3 pipelines on the tiny SD 3 model, at fp32 with the same
+latents or seed: text-to-image guided and unguided, each text encoder's own prompt and negative prompt, another
+max_sequence_length, T5 left out (zeros in its place, as diffusers with text_encoder_3=None), dynamic shifting;
+image-to-image; inpainting (its latents, and the image decoded with the VAE's shift).
 Each case also checks its argument moved the image, so a wrong prompt path or scheduler cannot pass."""
 
 from __future__ import annotations
@@ -104,8 +105,6 @@ def test_sd3_arguments_and_sizes_are_checked(sd3, tiny_artifacts):
         pipe(PROMPT, max_sequence_length=600, **SIZE)
     with pytest.raises(InputError, match="height: expected at most 1024 pixels"):
         pipe(PROMPT, height=1040, width=64, num_inference_steps=1)
-    with pytest.raises(InputError, match="image: the sd3 runtime generates text-to-image so far"):
-        pipe(PROMPT, image=np.zeros((64, 64, 3), np.uint8), **SIZE)
     with pytest.raises(InputError, match=r"prompt_2: expected 1 or 1 strings \(one per prompt\), got 2"):
         pipe(PROMPT, prompt_2=["a", "b"], **SIZE)
     with pytest.raises(LoraError, match="LoRA adapters are for UNet models so far, not sd3"):
@@ -115,3 +114,57 @@ def test_sd3_arguments_and_sizes_are_checked(sd3, tiny_artifacts):
             sd1(PROMPT, max_sequence_length=77, num_inference_steps=1, height=64, width=64)
         with pytest.raises(InputError, match="prompt_3: applies to models with 3 text encoders or more"):
             sd1(PROMPT, prompt_3="x", num_inference_steps=1, height=64, width=64)
+
+
+def _image(seed: int = 1):
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("strength", [0.75, 0.6])
+def test_image_to_image_equals_diffusers(family_models, sd3, strength):
+    """SD 3's img2img: resized to the model's default size, noised at SD 3's get_timesteps index (10 steps at 0.75
+    begin at index 2, where SD's formula would begin at 3)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    _, pipe, _ = sd3
+    ref = StableDiffusion3Img2ImgPipeline.from_pretrained(family_models("tiny-sd3"))
+    ref.set_progress_bar_config(disable=True)
+    args = dict(image=_image(), strength=strength, num_inference_steps=10)
+    want = as_uint8(ref(PROMPT, generator=torch.Generator().manual_seed(3), output_type="np", **args).images)
+    got = pipe(PROMPT, seed=3, **args).images
+    assert got.shape == (1, 256, 256, 3)  # the default size, as diffusers' SD 3 img2img resizes
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_equals_diffusers_latents_and_decodes_with_the_vae_shift(family_models, sd3, strength):
+    """SD 3's inpainting (a 16-channel transformer: the known region re-noised and blended after every step): the
+    final latents equal diffusers'. diffusers' StableDiffusion3InpaintPipeline decodes them without adding the VAE's
+    shift_factor back (its text-to-image and image-to-image pipelines add it), which tints every image; sdrt decodes
+    as the VAE defines, so the image is compared with diffusers' latents decoded that way."""
+    from diffusers import StableDiffusion3InpaintPipeline
+    from PIL import Image
+
+    _, pipe, _ = sd3
+    ref = StableDiffusion3InpaintPipeline.from_pretrained(family_models("tiny-sd3"))
+    ref.set_progress_bar_config(disable=True)
+    mask = Image.fromarray(((np.arange(64)[None, :] > 24) * 255).astype(np.uint8).repeat(64, 0))
+    args = dict(image=_image(), mask_image=mask, strength=strength, num_inference_steps=6, height=64, width=64)
+    latents = ref(PROMPT, generator=torch.Generator().manual_seed(3), output_type="latent", **args).images
+    ours = pipe(PROMPT, seed=3, output_type="latent", **args).latents
+    assert np.abs(ours - latents.numpy()).max() < 1e-4 * max(1.0, float(latents.abs().max()))
+    vae = ref.vae.config
+    with torch.no_grad():
+        decoded = ref.vae.decode(latents / vae.scaling_factor + vae.shift_factor, return_dict=False)[0]
+    want = as_uint8(ref.image_processor.postprocess(decoded, output_type="np"))
+    got = pipe(PROMPT, seed=3, **args).images
+    assert_close(got, want)
+    # the known region (the mask's black left part: latent columns 0-2) ends as the encoded image, the rest does not
+    from sdrt.runtime import conditioning
+    from sdrt.runtime.rng import make_generator
+
+    encoded = pipe.encode_image(conditioning.preprocess_image(_image(), 64, 64, multiple=8), make_generator(3, "torch"))
+    np.testing.assert_allclose(ours[..., :3], encoded[..., :3], atol=1e-5)
+    assert np.abs(ours[..., 4:] - encoded[..., 4:]).mean() > 0.1
