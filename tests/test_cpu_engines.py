@@ -62,7 +62,8 @@ def test_second_build_keeps_every_engine(engine_artifacts):
     import sys
 
     run = subprocess.run(
-        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(engine_artifacts)],
+        # --no-choice: the measured choice has its own tests (test_choice.py)
+        [sys.executable, "-m", "sdrt.runtime", "engines", "--artifacts", str(engine_artifacts), "--no-choice"],
         capture_output=True,
         text=True,
     )

@@ -122,8 +122,8 @@ def _image(seed: int = 1):
     return Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("strength", [0.75, 0.6])
-def test_image_to_image_equals_diffusers(family_models, sd3, strength):
+@pytest.mark.parametrize(("strength", "size"), [(0.75, None), (0.6, 64)])
+def test_image_to_image_equals_diffusers(family_models, sd3, strength, size):
     """SD 3's img2img: resized to the model's default size, noised at SD 3's get_timesteps index (10 steps at 0.75
     begin at index 2, where SD's formula would begin at 3)."""
     from diffusers import StableDiffusion3Img2ImgPipeline
@@ -131,10 +131,11 @@ def test_image_to_image_equals_diffusers(family_models, sd3, strength):
     _, pipe, _ = sd3
     ref = StableDiffusion3Img2ImgPipeline.from_pretrained(family_models("tiny-sd3"))
     ref.set_progress_bar_config(disable=True)
-    args = dict(image=_image(), strength=strength, num_inference_steps=10)
+    args = dict(image=_image(), strength=strength, num_inference_steps=10, height=size, width=size)
     want = as_uint8(ref(PROMPT, generator=torch.Generator().manual_seed(3), output_type="np", **args).images)
     got = pipe(PROMPT, seed=3, **args).images
-    assert got.shape == (1, 256, 256, 3)  # the default size, as diffusers' SD 3 img2img resizes
+    side = size or 256  # without a size: the model's default, as diffusers' SD 3 img2img resizes
+    assert got.shape == (1, side, side, 3)
     assert_close(got, want)
 
 
