@@ -37,6 +37,11 @@ class GenerationBody(BaseModel):
 
     prompt: Any = Field(description="a string, or a list of strings (one image set per prompt)")
     negative_prompt: Any = Field(None, description="what to steer away from: one string, or one per prompt")
+    prompt_2: Any = Field(None, description="SDXL, SD 3: the second text encoder's prompt (default: prompt)")
+    prompt_3: Any = Field(None, description="SD 3: T5's prompt (default: prompt)")
+    negative_prompt_2: Any = Field(None, description="SDXL, SD 3: the second text encoder's negative prompt")
+    negative_prompt_3: Any = Field(None, description="SD 3: T5's negative prompt")
+    max_sequence_length: Any = Field(None, description="SD 3: T5's tokens per prompt, 1..512 (default 256)")
     height: Any = Field(None, description="pixels, a multiple of the model's spatial multiple (default: the model's)")
     width: Any = Field(None, description="pixels (default: the model's)")
     size: Any = Field(None, description="'WIDTHxHEIGHT', e.g. '512x512': instead of width and height")
