@@ -74,6 +74,11 @@ def stats(samples: list[float]) -> dict:
 device_slug = device_key  # the results file's name: <device_key>.jsonl
 
 
+def denoiser_of(manifest: Manifest):
+    """The component the loop calls every step (a UNet, or SD 3's transformer): what "UNet step" rows measure."""
+    return manifest.components[manifest.model_family.denoiser]
+
+
 def results_file(results_dir: Path, device: dict) -> Path:
     """Where rows measured on ``device`` are appended: one file per device key."""
     return Path(results_dir) / f"{device_key(device)}.jsonl"
@@ -694,9 +699,9 @@ class Context:
     def flops_graph(self) -> Path:
         """The UNet graph FLOPs are counted on: an fp32 one when measured (every variant is the same
         model; a quantized graph's integer ops would count differently), else the first."""
-        fp32 = [d for d, m in self.manifests.items() if m.components["unet"].precision == "fp32"]
+        fp32 = [d for d, m in self.manifests.items() if denoiser_of(m).precision == "fp32"]
         root = (fp32 or list(self.manifests))[0]
-        return root / self.manifests[root].components["unet"].path
+        return root / denoiser_of(self.manifests[root]).path
 
 
 def _measure(ctx: Context, ours: dict[Variant, Worker], baselines: list[Worker], case: Case, progress) -> list[dict]:
@@ -877,7 +882,7 @@ def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:
     root = next(iter(ctx.manifests))
     dims = manifest.model_dims
     unet_batch = case.batch * (2 if config.guidance > 1 and not dims.time_cond_dim else 1)
-    spec = manifest.model_family.specs(dims)["unet"]
+    spec = manifest.model_family.specs(dims)[manifest.model_family.denoiser]
     flops = count_flops(ctx.flops_graph(), spec.input_shapes(sizes(dims, unet_batch, *shape[2:])))["total"]
     return {
         "schema": ROW_SCHEMA,
@@ -888,7 +893,7 @@ def _common(ctx: Context, case: Case, shape: tuple[int, ...]) -> dict:
         "model": {
             "family": manifest.family,
             "source": manifest.source.get("model") or manifest.source.get("path"),
-            "unet_bytes": sum(f.bytes for f in manifest.components["unet"].files),
+            "unet_bytes": sum(f.bytes for f in denoiser_of(manifest).files),  # the denoiser's (UNet or transformer)
         },
         "threads": ctx.threads,
         "batch": case.batch,
@@ -920,7 +925,8 @@ def _row(ctx: Context, common: dict, worker: Worker, warmups: int, runs: list[Ru
 
 
 def _sdrt_fields(ctx: Context, variant: Variant, worker: Worker) -> dict:
-    graph = worker.hello.get("graph_precisions", {}).get("unet", "fp32")
+    denoiser = ctx.manifests[variant.artifacts].model_family.denoiser
+    graph = worker.hello.get("graph_precisions", {}).get(denoiser, "fp32")
     fields = {
         "backend": variant.backend,
         "artifacts": str(variant.artifacts),
@@ -977,9 +983,9 @@ def _unsupported_row(ctx: Context, case: Case, variant: Variant, reason: str) ->
         "implementation": "sdrt",
         "backend": variant.backend,
         "artifacts": str(variant.artifacts),
-        "graph_precision": ctx.manifests[variant.artifacts].components["unet"].precision,
+        "graph_precision": denoiser_of(ctx.manifests[variant.artifacts]).precision,
         "compute_precision": variant.precision,
-        "precision": precision_label(ctx.manifests[variant.artifacts].components["unet"].precision, variant.precision),
+        "precision": precision_label(denoiser_of(ctx.manifests[variant.artifacts]).precision, variant.precision),
         "unsupported": reason,
     }
 

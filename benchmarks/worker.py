@@ -204,8 +204,9 @@ class DiffusersRunner:
             class_name, options = ALIASES.get(scheduler, (scheduler, {}))
             self.pipe.scheduler = getattr(diffusers, class_name).from_config(self.pipe.scheduler.config, **options)
         self._calls: dict[str, list[float]] = {}
-        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
-        timed = [("text_encoder", m) for m in encoders if m is not None] + [("unet", self.pipe.unet)]
+        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        denoiser = getattr(self.pipe, "transformer", None) or self.pipe.unet  # SD 3's transformer, or the UNet
+        timed = [("text_encoder", m) for m in encoders if m is not None] + [("unet", denoiser)]
         timed += [("controlnet", m) for m in self.controlnets]
         for name, module in timed:
             module.register_forward_pre_hook(self._pre(name))

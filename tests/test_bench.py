@@ -409,3 +409,25 @@ def test_an_implementation_that_fails_to_load_is_a_row_and_the_run_goes_on(tiny_
     check_measured(rows)
     with pytest.raises(BackendError, match=r"(?s)expected at least one implementation measured, got none:.*sha256"):
         check_measured([failed])
+
+
+@pytest.mark.slow  # two more worker processes (~10 s); the denoiser-role plumbing it checks is read by every bench row
+def test_sd3_bench_runs_beside_the_diffusers_sd3_pipeline(family_artifacts, tmp_path):
+    """The benchmark reads the family's denoiser: on the tiny SD 3 model, one transformer call per step timed in each
+    implementation, FLOPs counted on the transformer graph, beside diffusers' StableDiffusion3Pipeline."""
+    from sdrt.benchmarks.flops import count_flops
+
+    artifacts = family_artifacts("tiny-sd3")
+    config = BenchConfig(
+        artifacts=artifacts, backends=("onnxruntime",), precisions=("fp32",), baseline=True, sizes=((64, 64),),
+        steps=(2,), runs=1, warmups=1, threads=2, results_dir=tmp_path, matmul_size=256, matmul_budget_s=0.05,
+    )  # fmt: skip
+    rows = run_benchmark(config, progress=lambda line: None)
+    assert [(r["implementation"], r["backend"]) for r in rows] == [("sdrt", "onnxruntime"), ("diffusers", "pytorch")]
+    sdrt, diffusers = rows
+    assert diffusers["pipeline"] == "StableDiffusion3Pipeline" and sdrt["model"]["family"] == "sd3"
+    assert sdrt["metrics"]["unet_step_ms"]["n"] == diffusers["metrics"]["unet_step_ms"]["n"] == 2
+    m = Manifest.load(artifacts, verify_hashes=False)
+    shapes = {"hidden_states": (2, 16, 8, 8), "encoder_hidden_states": (2, 77 + 256, 80), "pooled_projections": (2, 64),
+              "timestep": (2,)}  # fmt: skip
+    assert sdrt["unet_flops_per_call"] == count_flops(artifacts / m.components["transformer"].path, shapes)["total"] > 0
