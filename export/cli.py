@@ -287,12 +287,7 @@ def _engines(args: argparse.Namespace) -> int:
             _print_cpu_report(build_controlnet_engines(folder, args.artifacts, args.force, fuse=not args.no_fusions))
     if not args.no_cpu:
         _openvino_engines(args.artifacts, ranges, components, args.force)
-    from sdrt.runtime.pipeline import RUNNABLE_DENOISERS
-
-    runnable = manifest.model_family.denoiser in RUNNABLE_DENOISERS
-    if not args.no_cpu and not args.no_choice and not runnable:
-        print(f"backend auto: not measured ({manifest.family}: the runtime does not generate with this family yet)")
-    elif not args.no_cpu and not args.no_choice:
+    if not args.no_cpu and not args.no_choice:
         from sdrt.export.choose import measure_choice, up_to_date
 
         kept = None if args.force else up_to_date(args.artifacts, ranges.height.opt, ranges.width.opt)

@@ -226,26 +226,6 @@ class StepTimes:
         timings["scheduler_and_guidance"] = sum(timings["step_overhead"])
 
 
-# The families whose denoising loop this runtime has; the others export and verify (sdrt export) but do not run yet.
-RUNNABLE_DENOISERS = ("unet", "transformer")
-# What the runtime does with a transformer family (SD 3) so far: text-to-image with every prompt path, no LoRA,
-# ControlNet or image input yet.
-TRANSFORMER_TASKS = ("text-to-image", "image-to-image", "inpainting")
-
-
-def check_runnable(manifest: Manifest, root: Path) -> None:
-    """ArtifactError for artifacts of a family the runtime cannot generate with yet, before anything is opened."""
-    family = manifest.model_family
-    if family.denoiser not in RUNNABLE_DENOISERS:
-        raise ArtifactError(
-            f"{root}: expected artifacts of a family sdrt's runtime generates with ("
-            f"{', '.join(f.name for f in families.FAMILIES.values() if f.denoiser in RUNNABLE_DENOISERS)}), got "
-            f"{family.name} ({family.description}): its graphs export and are verified against PyTorch, but the "
-            f"runtime's {family.denoiser} loop is not there yet; run them with diffusers' "
-            f"{family.diffusers_classes.get('text-to-image')} meanwhile"
-        )
-
-
 class Pipeline:
     def __init__(
         self,
@@ -350,17 +330,16 @@ class Pipeline:
             backends.check_usable(backends.get(backend), precision)
         manifest = Manifest.load(root, verify_hashes=verify_hashes)
         timings = {"manifest": time.perf_counter() - t0}
-        check_runnable(manifest, root)
-        if backend == choice.AUTO:
+        if backend == choice.AUTO:  # picks only candidates that passed here: nothing for refusal() to refuse
             resolved = choice.resolve(root, manifest, precision)
             backend, precision, why = resolved.backend, resolved.precision, resolved.why
             backends.check_usable(backends.get(backend), precision)
         else:
+            assert precision is not None
             why = f"{backend} {precision}, as asked"
-        assert precision is not None
-        refused = choice.refusal(root, manifest, backend, precision)
-        if refused:
-            raise BackendError(refused)
+            refused = choice.refusal(root, manifest, backend, precision)
+            if refused:
+                raise BackendError(refused)
         record = backends.get(backend)
         options = backends.LoadOptions(threads, precision, cuda_graph, trt_ranges, cache)
         names = cls.components_of(manifest)
@@ -715,12 +694,6 @@ class Pipeline:
                     hint=f" (a multiple of {self.manifest.spatial_multiple} pixels, or None for the default)",
                 )  # fmt: skip
         task = _task(image, mask_image)
-        if self.family.denoiser == "transformer" and task not in TRANSFORMER_TASKS:
-            raise InputError(
-                f"image: the {self.family.name} runtime generates {', '.join(TRANSFORMER_TASKS)} so far, got {task} "
-                f"(image-to-image and inpainting for it are not there yet; diffusers' "
-                f"{self.family.diffusers_classes.get(task)} runs them)"
-            )
         if mask_image is not None and image is None:
             raise InputError("mask_image: inpainting needs the image to repaint too (image=...), got only the mask")
         if task == "text-to-image" and self.family.micro_conditioning == "refiner":
