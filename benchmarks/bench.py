@@ -503,11 +503,11 @@ def run_benchmark(config: BenchConfig, progress=print) -> list[dict]:
     failed: list[Failure] = []
     try:
         for variant in variants:
-            worker = _start(lambda v=variant: v.start(threads, config.scheduler), variant.name, failed, progress)
+            worker = _start(
+                lambda v=variant: v.start(threads, config.scheduler), variant.name, failed, progress, variant=variant
+            )
             if worker is not None:
                 ours[variant] = worker
-            else:
-                failed[-1] = replace(failed[-1], variant=variant)
         # with ControlNets, diffusers' ControlNet pipeline and the model's own pipeline on the same modules, in one
         # process (two rows)
         folders = tuple(Path(c["source"]) for c in controlnets)
@@ -579,13 +579,16 @@ class Failure:
     fields: dict = field(default_factory=dict, compare=False)  # a baseline's backend and precision
 
 
-def _start(start: Callable[[], Worker], name: str, failed: list[Failure], progress, fields: dict | None = None):
+def _start(
+    start: Callable[[], Worker], name: str, failed: list[Failure], progress, fields: dict | None = None,
+    variant: Variant | None = None,
+):  # fmt: skip
     """The started worker; None, with a Failure appended, when loading it raised an sdrt error."""
     try:
         return _started(start(), progress)
     except (BackendError, InputError) as e:
         progress(f"{name}: failed to load, recorded as a failed row: {e}")
-        failed.append(Failure(name, "load", str(e), None, fields or {}))
+        failed.append(Failure(name, "load", str(e), variant, fields or {}))
         return None
 
 
@@ -839,36 +842,27 @@ def _baseline_fields(lane: Lane) -> dict:
 def _failed_row(ctx: Context, case: Case, failure: Failure) -> dict:
     """A row for an implementation that failed in this case (or at load): what it was, where it failed, the error."""
     if failure.variant is not None:
-        row = _unsupported_row(ctx, case, failure.variant, "")
-        del row["unsupported"]
+        row = _row_head(ctx, case, _variant_device(failure.variant)) | _variant_fields(ctx, failure.variant)
     else:
-        precision = failure.fields.get("precision", "fp32")
-        row = {
-            "schema": ROW_SCHEMA,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "device": _cpu_device(),
-            "machine": ctx.machine,
-            "versions": versions(),
-            "model": {"source": next(iter(ctx.manifests.values())).source.get("path")},
-            "threads": ctx.threads,
-            "batch": case.batch,
-            "height": case.height,
-            "width": case.width,
-            "steps": case.steps,
-            "implementation": failure.name.split()[0],
-            "backend": failure.fields.get("backend", MISSING_BACKEND),
-            "graph_precision": precision,
-            "compute_precision": precision,
-            "precision": precision,
-        }
+        row = _row_head(ctx, case, _cpu_device()) | _baseline_row_fields(failure.name, failure.fields)
     return row | {"failed": failure.error, "failed_in": failure.phase, "lane": failure.name}
 
 
 def _baseline_unsupported_row(ctx: Context, case: Case, name: str, dtype: str, reason: str) -> dict:
-    row = _failed_row(ctx, case, Failure(name, "", reason, None, {"backend": "pytorch", "precision": dtype}))
-    for key in ("failed", "failed_in"):
-        del row[key]
-    return row | {"unsupported": reason}
+    fields = _baseline_row_fields(name, {"backend": "pytorch", "precision": dtype})
+    return _row_head(ctx, case, _cpu_device()) | fields | {"lane": name, "unsupported": reason}
+
+
+def _baseline_row_fields(name: str, fields: dict) -> dict:
+    """What a baseline's row without measurements says of it: implementation, backend, precision."""
+    precision = fields.get("precision", "fp32")
+    return {
+        "implementation": name.split()[0],
+        "backend": fields.get("backend", MISSING_BACKEND),
+        "graph_precision": precision,
+        "compute_precision": precision,
+        "precision": precision,
+    }
 
 
 def _controlnet_fields(ctx: Context) -> dict:
@@ -967,11 +961,15 @@ def precision_label(graph: str, compute: str) -> str:
 
 
 def _unsupported_row(ctx: Context, case: Case, variant: Variant, reason: str) -> dict:
-    record = backends.get(variant.backend)
+    return _row_head(ctx, case, _variant_device(variant)) | _variant_fields(ctx, variant) | {"unsupported": reason}
+
+
+def _row_head(ctx: Context, case: Case, device: dict) -> dict:
+    """What a row without measurements shares with every row: schema, time, device, machine, versions, the case."""
     return {
         "schema": ROW_SCHEMA,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": device_info(variant.backend) if record.unavailable_reason() is None else _cpu_device(),
+        "device": device,
         "machine": ctx.machine,
         "versions": versions(),
         "model": {"source": next(iter(ctx.manifests.values())).source.get("path")},
@@ -980,13 +978,23 @@ def _unsupported_row(ctx: Context, case: Case, variant: Variant, reason: str) ->
         "height": case.height,
         "width": case.width,
         "steps": case.steps,
+    }
+
+
+def _variant_device(variant: Variant) -> dict:
+    """The device an sdrt variant names: its backend's, or the CPU where that backend cannot run."""
+    return device_info(variant.backend) if backends.get(variant.backend).unavailable_reason() is None else _cpu_device()
+
+
+def _variant_fields(ctx: Context, variant: Variant) -> dict:
+    graph = denoiser_of(ctx.manifests[variant.artifacts]).precision
+    return {
         "implementation": "sdrt",
         "backend": variant.backend,
         "artifacts": str(variant.artifacts),
-        "graph_precision": denoiser_of(ctx.manifests[variant.artifacts]).precision,
+        "graph_precision": graph,
         "compute_precision": variant.precision,
-        "precision": precision_label(denoiser_of(ctx.manifests[variant.artifacts]).precision, variant.precision),
-        "unsupported": reason,
+        "precision": precision_label(graph, variant.precision),
     }
 
 
