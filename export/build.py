@@ -12,16 +12,17 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from sdrt.export import graph, lora_map
+from sdrt.export import graph, lora_map, memory
 from sdrt.export.atomic import atomic_directory
-from sdrt.export.modules import LoadedPipeline, load_pipeline, resolve_source, source_files
-from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
+from sdrt.export.modules import LoadedPipeline, family_of, load_pipeline, resolve_source, source_files
+from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, reference_outputs, verify_onnx
 from sdrt.runtime.engine_cache import ENGINES_DIR
 from sdrt.runtime.errors import ArtifactError, ExportError
 from sdrt.runtime.families import ALL_COMPONENTS, OPTIONAL_COMPONENTS, Family, sizes
@@ -34,7 +35,7 @@ TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "o
 
 # The modules whose code decides what the artifacts contain (not the CLI or the engine builder).
 ARTIFACT_CODE = (
-    "build.py", "graph.py", "modules.py", "onnx_export.py", "lora_map.py", "../runtime/families.py", "../runtime/lora.py",
+    "build.py", "graph.py", "memory.py", "modules.py", "onnx_export.py", "lora_map.py", "../runtime/families.py", "../runtime/lora.py",
 )  # fmt: skip
 
 PRECISIONS = ("fp32", "fp16")
@@ -56,6 +57,8 @@ class ExportOptions:
     allow_pickle: bool = False
     # LoRA adapters merged into the weights before the export: (path to a .safetensors file, scale).
     loras: tuple[tuple[str, float], ...] = ()
+    drop_t5: bool = False  # leave out the T5 encoder (SD 3): not loaded, not exported; the runtime passes zeros
+    memory_check: bool = True  # refuse, before loading, an export this machine's memory cannot hold
 
     def __post_init__(self):
         unknown = [c for c in self.components if c not in ALL_COMPONENTS]
@@ -85,19 +88,35 @@ class ExportOptions:
             return "fp32"
         return family.fp16_exceptions.get(component, "fp16")
 
+    def dropped(self, family: Family) -> tuple[str, ...]:
+        """The text encoders left out (--drop-t5, or a --components list without them), which the pipeline runs
+        without (SD 3's T5)."""
+        t5 = tuple(r.component for r in family.text_encoders if r.kind == "t5")
+        if self.drop_t5 and not t5:
+            raise ExportError(f"--drop-t5: the {family.name} family has no T5 text encoder to leave out")
+        if self.drop_t5 and [c for c in t5 if c in self.components]:
+            raise ExportError(f"--drop-t5: expected no {', '.join(t5)} in --components as well, got both")
+        listed = [c for c in self.components if c not in OPTIONAL_COMPONENTS]
+        skipped = [c for c in family.optional_text_encoders() if listed and c not in listed]
+        return tuple(dict.fromkeys([*(t5 if self.drop_t5 else ()), *skipped]))
+
     def components_of(self, family: Family) -> tuple[str, ...]:
         """The components to export for ``family``: all of them unless a subset was asked for (and the optional
         ones, such as the UNet that takes ControlNet residuals, only when asked for)."""
         optional = tuple(c for c in OPTIONAL_COMPONENTS if c in self.components)
+        dropped = self.dropped(family)
         if not [c for c in self.components if c not in OPTIONAL_COMPONENTS]:
-            return (*family.components(), *optional)
+            return (*(c for c in family.components() if c not in dropped), *optional)
         alien = [c for c in self.components if c not in (*family.components(), *OPTIONAL_COMPONENTS)]
         if alien:
             raise ExportError(
                 f"components: expected names from the {family.name} family's {', '.join(family.components())}, "
                 f"got {alien}"
             )
-        needed = [c for c in family.components() if c != "vae_encoder" and c not in self.components]
+        needed = [
+            c for c in family.components()
+            if c not in ("vae_encoder", *family.optional_text_encoders()) and c not in self.components
+        ]  # fmt: skip
         if needed:
             raise ExportError(f"components: text-to-image needs {', '.join(needed)}; got {list(self.components)}")
         return (*(c for c in family.components() if c in self.components), *optional)
@@ -179,7 +198,13 @@ def export_pipeline(
     log.info("loading %s", source)
     if options.vae and not Path(options.vae).is_dir():
         raise ExportError(f"vae: expected a folder holding an AutoencoderKL or AutoencoderTiny, got {options.vae!r}")
-    pipe = load_pipeline(source, Path(options.vae) if options.vae else None, options.allow_pickle)
+    pipe = load_pipeline(
+        source,
+        Path(options.vae) if options.vae else None,
+        options.allow_pickle,
+        skip=options.dropped(family_of(source)[0]),
+        memory_check=options.memory_check,
+    )
     names = options.components_of(pipe.family)
     fused = lora_map.fuse(pipe.parts, [(Path(p), s) for p, s in options.loras]) if options.loras else []
     seconds["load"] = time.perf_counter() - t0
@@ -188,7 +213,7 @@ def export_pipeline(
         for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
             log.info("[%d/%d] %s: exporting to ONNX (opset %d)", i, len(names), name, options.opset)
-            components[name] = _export_component(pipe, name, tmp, options)
+            components[name] = _export_component(pipe, name, tmp, options, _releaser(pipe, name, names[i:]))
             seconds[name] = time.perf_counter() - t0
             check = components[name].verification
             log.info(
@@ -214,6 +239,22 @@ def export_pipeline(
     return ExportReport(manifest, built=True, seconds=seconds)
 
 
+def _releaser(pipe: LoadedPipeline, name: str, later: tuple[str, ...]) -> Callable[[], None] | None:
+    """What frees ``name``'s PyTorch part once it is exported, or None when it must stay: a later component is
+    made from it (the UNet of unet_control), it carries LoRA targets to map after the graph steps, or it is the VAE
+    (small, and the manifest reads its config)."""
+    part = pipe.part_of(name)
+    if part == "vae" or name in lora_map.ADAPTABLE or any(pipe.part_of(c) == part for c in later):
+        return None
+
+    def release() -> None:
+        pipe.parts.pop(part, None)
+        graph.release_memory()
+        log.info("    released %s's PyTorch weights", part)
+
+    return release
+
+
 def _carry_engines(out_dir: Path, tmp: Path) -> None:
     """Keep the TensorRT engines of the directory being replaced (hard links: no copy, and the old
     directory stays intact until the rename). `sdrt engines` then rebuilds only those whose ONNX
@@ -230,7 +271,12 @@ def _carry_engines(out_dir: Path, tmp: Path) -> None:
         log.info("kept %s (engines are rebuilt by `sdrt engines` only where the ONNX changed)", old)
 
 
-def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: ExportOptions) -> Component:
+def _export_component(
+    pipe: LoadedPipeline, name: str, root: Path, options: ExportOptions, release: Callable[[], None] | None = None
+) -> Component:
+    """Export, optimize and check one component. ``release``: called once PyTorch is done with the component's
+    part (after the export and the reference outputs), to free it before the graph steps, when no later
+    component needs it."""
     dims = pipe.dims
     spec = pipe.family.specs(dims)[name]
     module = pipe.module(name)
@@ -240,10 +286,16 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     # T5's tokens (SD 3) differ from every other size too; T5 has its own vocabulary.
     vocab = dims.t5_vocab_size if spec.ort_model_type == "t5" else dims.vocab_size
     trace = spec.sample(sizes(dims, batch=2, latent_height=2 * m, latent_width=3 * m, t5_tokens=24), rng, vocab)
+    other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m, t5_tokens=13), rng, vocab)
     path = root / "onnx" / f"{name}.onnx"
     t0 = time.perf_counter()
     export_onnx(spec, module, trace, path, options.opset)
     graph.release_memory()
+    # PyTorch's outputs now: the part can then leave memory (release) before its graph is optimized and checked.
+    references = reference_outputs(spec, module, [trace, other]) if options.verify else []
+    if release is not None:
+        del module
+        release()
     steps = [{"step": "export", "tool": f"torch.onnx (dynamo) {torch_version()}", **_stats_now(path, t0)}]
     log.info(
         "    export: %d nodes, %.1f MB in %.1f s",
@@ -252,7 +304,10 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
         steps[0]["seconds"],
     )
     for step in options.optimizations:
-        if step == "slim":
+        if step == "slim" and not memory.slim_fits(path):
+            steps.append(graph.skipped_step("slim", path, memory.slim_skip_reason(path)))
+            log.info("    slim: skipped (%s)", steps[-1]["reason"])
+        elif step == "slim":
             steps.append(graph.slim(path))
         elif step == "ort-fusion":
             steps.append(graph.ort_fusion(path, spec.ort_model_type))
@@ -263,8 +318,7 @@ def _export_component(pipe: LoadedPipeline, name: str, root: Path, options: Expo
     verification = {}
     if options.verify:
         t0 = time.perf_counter()
-        other = spec.sample(sizes(dims, batch=1, latent_height=3 * m, latent_width=2 * m, t5_tokens=13), rng, vocab)
-        verification = verify_onnx(spec, module, path, [trace, other], precision)
+        verification = verify_onnx(spec, references, path, [trace, other], precision)
         graph.release_memory()
         log.info(
             "    verify: max abs error %.2e, PSNR %.1f dB at 2 shapes in %.1f s",

@@ -90,6 +90,19 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         "export, at SCALE (default 1); repeatable. The manifest records each file's sha256 and scale. For "
         "adapters chosen per request instead, see `sdrt generate --lora`",
     )
+    p.add_argument(
+        "--drop-t5",
+        action="store_true",
+        help="SD 3: leave out the T5 text encoder (4.7 B parameters in SD 3/3.5): not loaded, not exported; the "
+        "runtime passes zeros in its place, as diffusers does with text_encoder_3=None (prompt adherence drops "
+        "somewhat, memory and time much more)",
+    )
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="try the export even when the estimate (every part in float32, plus the largest part's export) "
+        "exceeds this machine's available memory",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the check of each graph against PyTorch")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifacts are up to date")
     p.set_defaults(func=_export)
@@ -130,6 +143,8 @@ def _export(args: argparse.Namespace) -> int:
         vae=args.vae,
         allow_pickle=args.allow_pickle,
         loras=tuple(parse_cli_arg(item) for item in args.lora),
+        drop_t5=args.drop_t5,
+        memory_check=not args.skip_memory_check,
     )
     report = export_pipeline(args.model, args.out, options, revision=args.revision, force=args.force)
     m = report.manifest
@@ -377,7 +392,13 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--artifacts", type=Path, required=True, help="fp32 artifact directory written by `sdrt export`")
     p.add_argument("--out", type=Path, required=True, help="int8 artifact directory to write (replaced atomically)")
-    p.add_argument("--components", nargs="+", default=["unet"], choices=QUANTIZABLE, help="components to quantize")
+    p.add_argument(
+        "--components",
+        nargs="+",
+        default=["denoiser"],
+        choices=QUANTIZABLE,
+        help="components to quantize ('denoiser': the family's, the UNet or SD 3's transformer)",
+    )
     p.add_argument(
         "--calibration-prompts",
         type=int,

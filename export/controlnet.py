@@ -19,7 +19,7 @@ import numpy as np
 from sdrt.export import graph
 from sdrt.export.atomic import atomic_directory
 from sdrt.export.modules import check_weights, control_module
-from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, verify_onnx
+from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx, reference_outputs, verify_onnx
 from sdrt.runtime.controlnet import ControlNetManifest, check_fits, fit_dims
 from sdrt.runtime.errors import ExportError
 from sdrt.runtime.families import ModelDims, control_specs, sizes
@@ -149,7 +149,8 @@ def _export_graph(spec, module, dims: ModelDims, rng, m: int, root: Path, opset:
     steps = [{"step": "export", "seconds": time.perf_counter() - t0}, graph.slim(path)]
     verification = {}
     if verify:
-        verification = verify_onnx(spec, module, path, [trace, feed(1, 3 * m, 2 * m)])
+        feeds = [trace, feed(1, 3 * m, 2 * m)]
+        verification = verify_onnx(spec, reference_outputs(spec, module, feeds), path, feeds)
         log.info("    verify: max abs error %.2e, PSNR %.1f dB", verification["max_abs_error"], verification["psnr_db"])
     return Component(
         name=spec.name,

@@ -117,6 +117,13 @@ def record_step(name: str, before: dict, path: Path, started: float, **extra) ->
     return record
 
 
+def skipped_step(name: str, path: Path, reason: str) -> dict:
+    """The manifest record of a graph step not taken, and why."""
+    s = stats(path)
+    return {"step": name, "skipped": True, "reason": reason, "nodes_before": s["nodes"], "nodes_after": s["nodes"],
+            "bytes_before": s["bytes"], "bytes_after": s["bytes"], "seconds": 0.0}  # fmt: skip
+
+
 def slim(path: Path) -> dict:
     """Constant folding, dead-node and redundant-op elimination, shape cleanup (onnxslim)."""
     import onnxslim

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 
+from sdrt.export import memory
 from sdrt.runtime import families
 from sdrt.runtime.errors import ExportError
 from sdrt.runtime.families import Family, ModelDims
 
 log = logging.getLogger(__name__)
+
+WEIGHTS = "diffusion_pytorch_model"  # diffusers' weights file name (transformers': "model")
 
 SOURCE_PATTERNS = [
     "model_index.json",
@@ -315,6 +318,11 @@ class LoadedPipeline:
     def vae(self) -> torch.nn.Module:
         return self.parts["vae"]
 
+    def part_of(self, name: str) -> str:
+        """The part (pipeline folder) component ``name`` is made from: vae_decoder/vae_encoder of vae,
+        unet_control of unet, the others of their own."""
+        return {"vae_decoder": "vae", "vae_encoder": "vae", "unet_control": "unet"}.get(name, name)
+
     def module(self, name: str) -> torch.nn.Module:
         spec = self.family.specs(self.dims)[name]
         if spec.wrapper == "TextEncoder":
@@ -462,7 +470,12 @@ def _transformer_dims(source: Path, family: Family, parts: dict, tcfg, common: d
     clip = [r for r in family.text_encoders if r.kind == "clip"]
     t5 = next(r for r in family.text_encoders if r.kind == "t5")
     pooled = tuple(int(parts[r.component].config.projection_dim) for r in clip)
-    t5_hidden = int(parts[t5.component].config.d_model)
+    t5_config = (
+        parts[t5.component].config
+        if t5.component in parts
+        else types.SimpleNamespace(**_json(source / t5.component / "config.json", f"{t5.component}'s config.json"))
+    )  # a dropped T5 (--drop-t5): its config still sets the width of the zeros the runtime passes in its place
+    t5_hidden = int(t5_config.d_model)
     checks = (
         ("pooled_projection_dim", int(tcfg.pooled_projection_dim), sum(pooled), "CLIP projections concatenated"),
         ("joint_attention_dim", int(tcfg.joint_attention_dim), t5_hidden, "T5's hidden size"),
@@ -486,7 +499,7 @@ def _transformer_dims(source: Path, family: Family, parts: dict, tcfg, common: d
         patch_size=int(tcfg.patch_size),
         pos_embed_max_size=int(tcfg.pos_embed_max_size or 0),
         t5_hidden=t5_hidden,
-        t5_vocab_size=int(parts[t5.component].config.vocab_size),
+        t5_vocab_size=int(t5_config.vocab_size),
         text_pooled=pooled,
     )
 
@@ -520,13 +533,9 @@ def _unet_dims(source: Path, family: Family, parts: dict, ucfg, common: dict) ->
     return dims
 
 
-def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = False) -> LoadedPipeline:
-    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's.
-    Weights are read from safetensors only, unless ``allow_pickle`` (then a part without safetensors
-    weights is read from its pickle checkpoint)."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
+def family_of(source: Path) -> tuple[Family, dict]:
+    """The family of a diffusers pipeline folder and its model_index.json, read from the index and the
+    denoiser's config (nothing is loaded)."""
     index_path = source / "model_index.json"
     if not index_path.is_file():
         raise ExportError(f"{source}: expected a diffusers pipeline folder with model_index.json, found none")
@@ -545,22 +554,66 @@ def load_pipeline(source: Path, vae: Path | None = None, allow_pickle: bool = Fa
             f"{source}: expected the {family.name} family's denoiser in '{family.denoiser}', model_index.json names "
             f"'{folder}'"
         )
-    needed = [r.tokenizer for r in family.text_encoders] + [r.component for r in family.text_encoders]
+    return family, index
+
+
+def load_pipeline(
+    source: Path,
+    vae: Path | None = None,
+    allow_pickle: bool = False,
+    skip: tuple[str, ...] = (),
+    memory_check: bool = True,
+) -> LoadedPipeline:
+    """Load a diffusers pipeline folder's parts in float32; ``vae`` replaces its VAE by another folder's.
+    Weights are read from safetensors only, unless ``allow_pickle`` (then a part without safetensors
+    weights is read from its pickle checkpoint). ``skip``: optional text encoders not to load (SD 3's T5; its
+    tokenizer and config are still read). ``memory_check``: refuse, before loading anything, an export that
+    would not fit in this machine's memory (``sdrt.export.memory``)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    family, index = family_of(source)
+    droppable = family.optional_text_encoders()
+    unknown = [c for c in skip if c not in droppable]
+    if unknown:
+        raise ExportError(
+            f"{source}: the {family.name} family runs without {', '.join(droppable) or 'none of its text encoders'}, "
+            f"not without {', '.join(unknown)}"
+        )
+    loaded = [r for r in family.text_encoders if r.component not in skip]
+    needed = [r.tokenizer for r in family.text_encoders] + [r.component for r in loaded]
     for part in (*needed, family.denoiser, "scheduler", *(() if vae else ("vae",))):
         if not (source / part).is_dir():
-            raise ExportError(f"{source}: expected a '{part}' folder in the {family.name} pipeline, found none")
+            hint = " (leave it out with --drop-t5)" if part in droppable else ""
+            raise ExportError(f"{source}: expected a '{part}' folder in the {family.name} pipeline, found none{hint}")
 
     vae_folder = Path(vae) if vae else source / "vae"
-    # Every part's weights are checked before any is loaded.
-    for role in family.text_encoders:
+    # Every part's weights are checked before any is loaded, and so is the memory they will take.
+    for role in loaded:
         check_weights(source / role.component, "model", role.component, allow_pickle)
     check_weights(source / family.denoiser, "diffusion_pytorch_model", family.denoiser, allow_pickle)
     check_weights(vae_folder, "diffusion_pytorch_model", "vae", allow_pickle)
+    if memory_check:
+        kept = ("unet", "text_encoder", "text_encoder_2")  # their LoRA maps need them after their export (build)
+        sizes = [
+            memory.PartSize(r.component, memory.part_parameters(source / r.component, "model"), r.component not in kept)
+            for r in loaded
+        ]
+        denoiser_size = memory.part_parameters(source / family.denoiser, WEIGHTS)
+        sizes.append(memory.PartSize(family.denoiser, denoiser_size, family.denoiser not in kept))
+        sizes.append(memory.PartSize("vae", memory.part_parameters(vae_folder, WEIGHTS)))
+        need = memory.check(sizes, tuple(c for c in droppable if c not in skip))
+        log.info("export needs about %.1f GB of memory (%.1f GB available)", need / 1e9, memory.available_bytes() / 1e9)
 
     safe = {"use_safetensors": _use_safetensors(allow_pickle)}
     parts: dict[str, torch.nn.Module] = {}
     tokenizers = {}
     for role in family.text_encoders:
+        if role.component in skip:  # its tokenizer is still written: a runtime may be given T5 later
+            tokenizers[role.tokenizer] = T5TokenizerFast.from_pretrained(
+                source / role.tokenizer, trust_remote_code=False
+            )
+            continue
         if role.kind == "t5":
             tokenizers[role.tokenizer] = T5TokenizerFast.from_pretrained(
                 source / role.tokenizer, trust_remote_code=False

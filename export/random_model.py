@@ -40,6 +40,12 @@ real architectures with random weights. Each preset is written by the diffusers 
           (``sdrt.export.t5_vocab``; no download), a 16-channel VAE with SD 3's scaling 1.5305 and shift 0.0609,
           and SD 3's flow-matching Euler scheduler (shift 3.0).
 
+``sd35-medium``  ``StableDiffusion3Pipeline`` with SD 3.5 Medium's published transformer (MMDiT-X: 24 blocks 1536
+          wide, dual attention in the first 13, RMS q/k norms, position embeddings for 384 x 384 patches; ~2.5 B
+          parameters), SD 3's 16-channel VAE, and text encoders of the real widths (CLIP-L 768, CLIP-G 1280, T5-XXL
+          4096) but two layers deep, so the pipeline fits 24 GiB: for ``sdrt bench`` beside diffusers'
+          ``StableDiffusion3Pipeline`` (the transformer step and the VAE are full size; the text encoders are not).
+
 ``tiny-controlnet``, ``tiny-sdxl-controlnet``, ``sd15-controlnet``  not pipelines: a ``ControlNetModel`` folder
           for ``tiny``, ``tiny-sdxl`` and ``sd15``, made as real ControlNets start (``ControlNetModel.from_unet`` of
           a UNet of that config, seed + 2) except that the convolutions diffusers starts at zero (the residual
@@ -219,6 +225,52 @@ TINY_T5 = dict(
 )
 SD3_FLOW = ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0})
 
+# stabilityai/stable-diffusion-3.5-medium's published transformer config: the MMDiT-X (24 blocks of 24 heads x 64 =
+# 1536 wide, dual attention in the first 13, RMS q/k norms; ~2.5 B parameters, 9.9 GB in float32), its 16-channel
+# VAE, and text encoders of the real widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096, so the transformer sees real
+# shapes) but two layers deep, so that the whole pipeline fits a 24 GiB machine.
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+SD3_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=16,
+    layers_per_block=2,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+CLIP_L_SHALLOW = dict(  # openai/clip-vit-large-patch14's text tower with a projection, two layers deep
+    bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+    num_hidden_layers=2, max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+)  # fmt: skip
+CLIP_G_SHALLOW = dict(  # OpenCLIP bigG's text tower (as SDXL's and SD 3's text_encoder_2), two layers deep
+    CLIP_L_SHALLOW, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280,
+    hidden_act="gelu",
+)  # fmt: skip
+T5_XXL_SHALLOW = dict(  # google/t5-v1_1-xxl's encoder widths, two layers deep, over the local Unigram vocabulary
+    TINY_T5, d_model=4096, d_ff=10240, d_kv=64, num_layers=2, num_heads=64, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)  # fmt: skip
+
 
 def _autoencoder_tiny(channels: int, encoder_blocks: tuple, decoder_blocks: tuple) -> Preset:
     """A lone AutoencoderTiny folder (no pipeline): four stages of ``channels``, scale factor 8, 4 latent channels."""
@@ -346,6 +398,19 @@ PRESETS: dict[str, Preset] = {
             "text_encoder": Part("CLIPTextModelWithProjection", dict(TINY_TEXT_ENCODER, projection_dim=32)),
             "text_encoder_2": Part("CLIPTextModelWithProjection", TINY_TEXT_ENCODER_2, seed_offset=1),
             "text_encoder_3": Part("T5EncoderModel", TINY_T5, seed_offset=2),
+        },
+        SD3_FLOW,
+        {"tokenizer": EOS, "tokenizer_2": SDXL_PAD},
+        t5_tokenizers=("tokenizer_3",),
+    ),
+    "sd35-medium": Preset(
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": Part("SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER),
+            "vae": Part("AutoencoderKL", SD3_VAE),
+            "text_encoder": Part("CLIPTextModelWithProjection", CLIP_L_SHALLOW),
+            "text_encoder_2": Part("CLIPTextModelWithProjection", CLIP_G_SHALLOW, seed_offset=1),
+            "text_encoder_3": Part("T5EncoderModel", T5_XXL_SHALLOW, seed_offset=2),
         },
         SD3_FLOW,
         {"tokenizer": EOS, "tokenizer_2": SDXL_PAD},

@@ -167,6 +167,9 @@ class TextEncoderRole:
     hidden_output: str  # the output the UNet's conditioning takes: last_hidden_state or penultimate_hidden_state
     pooled_output: str = ""  # the pooled output the UNet takes as text_embeds (SDXL's second encoder)
     kind: str = "clip"  # "clip" (77 tokens, CLIPTextModel[WithProjection]) or "t5" (T5EncoderModel, tokens per call)
+    # The pipeline runs without it (zeros in its place, as diffusers with SD 3's text_encoder_3=None): export may
+    # leave it out (--drop-t5) and Pipeline.load may leave it closed.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ class Family:
 
     def components(self) -> tuple[str, ...]:
         return (*(r.component for r in self.text_encoders), self.denoiser, "vae_decoder", "vae_encoder")
+
+    def optional_text_encoders(self) -> tuple[str, ...]:
+        """Text encoders text-to-image runs without (SD 3's T5: zeros in its place)."""
+        return tuple(r.component for r in self.text_encoders if r.optional)
 
     def specs(self, dims: ModelDims) -> dict[str, ComponentSpec]:
         specs = {role.component: _text_encoder_spec(role, dims, i) for i, role in enumerate(self.text_encoders)}
@@ -272,7 +279,7 @@ FAMILIES: dict[str, Family] = {
             (
                 TextEncoderRole("text_encoder", "tokenizer", "penultimate_hidden_state", "text_embeds"),
                 TextEncoderRole("text_encoder_2", "tokenizer_2", "penultimate_hidden_state", "text_embeds"),
-                TextEncoderRole("text_encoder_3", "tokenizer_3", "last_hidden_state", kind="t5"),
+                TextEncoderRole("text_encoder_3", "tokenizer_3", "last_hidden_state", kind="t5", optional=True),
             ),
             default_guidance=7.0,
             default_strength=0.6,

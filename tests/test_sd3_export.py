@@ -92,3 +92,96 @@ def test_sdrt_generate_runs_sd3_artifacts(sd3, tmp_path):
     assert main(args) == 0
     assert Image.open(out).size == (96, 64)
     assert families.detect({"_class_name": "StableDiffusion3Img2ImgPipeline"}, {}).name == "sd3"
+
+
+def _t5_xxl_header(path) -> int:
+    """A safetensors file holding only the header of T5 v1.1 XXL's encoder (4.76 B parameters, bf16): what the
+    memory estimate reads, without 9.5 GB of data. Returns the parameter count."""
+    import json
+    import struct
+
+    d, ff, layers, vocab = 4096, 10240, 24, 32128
+    shapes = {"shared.weight": [vocab, d], "encoder.final_layer_norm.weight": [d]}
+    for i in range(layers):
+        p = f"encoder.block.{i}.layer"
+        shapes |= {f"{p}.0.SelfAttention.{w}.weight": [d, d] for w in "qkvo"}
+        shapes |= {f"{p}.0.layer_norm.weight": [d], f"{p}.1.layer_norm.weight": [d]}
+        shapes |= {f"{p}.1.DenseReluDense.wi_0.weight": [ff, d], f"{p}.1.DenseReluDense.wi_1.weight": [ff, d]}
+        shapes |= {f"{p}.1.DenseReluDense.wo.weight": [d, ff]}
+    shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = [32, 64]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def test_an_export_that_cannot_fit_fails_before_loading_and_drop_t5_leaves_t5_out(sd3, tmp_path, monkeypatch):
+    """A T5-XXL-sized text_encoder_3 on a 24 GiB machine: refused from the weight headers alone, naming the sizes
+    and --drop-t5; with --drop-t5 the export runs without loading it, and its artifacts (no T5 graph) give the
+    image the full artifacts give with T5 left closed (which tests/test_sd3.py holds to diffusers without T5)."""
+    import os
+    import shutil
+
+    from sdrt.export import memory
+    from sdrt.export.build import ExportOptions, export_pipeline
+    from sdrt.runtime import Pipeline
+    from sdrt.runtime.errors import ExportError
+
+    folder, artifacts = sd3
+    big = tmp_path / "sd3-xxl"
+    shutil.copytree(folder, big, copy_function=os.link)
+    (big / "text_encoder_3" / "model.safetensors").unlink()
+    count = _t5_xxl_header(big / "text_encoder_3" / "model.safetensors")
+    assert memory.part_parameters(big / "text_encoder_3", "model") == count > 4.7e9
+    monkeypatch.setattr(memory, "available_bytes", lambda: 24 * 1024**3)
+    with pytest.raises(ExportError, match=r"text_encoder_3 4\.76 B parameters \(19\.0 GB\).*--drop-t5.*fits"):
+        export_pipeline(str(big), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "no-t5"
+    export_pipeline(str(big), out, ExportOptions(drop_t5=True, verify=False))
+    m = Manifest.load(out)
+    assert "text_encoder_3" not in m.components and m.model_dims.t5_hidden == 80
+    assert m.build["options"]["drop_t5"] is True
+    kept = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+    call = dict(height=64, width=64, num_inference_steps=2, seed=3)
+    with (
+        Pipeline.load(out, backend="onnxruntime") as dropped,
+        Pipeline.load(artifacts, backend="onnxruntime", components=kept) as closed,
+    ):
+        assert "text_encoder_3" not in dropped.sessions
+        got, want = dropped("a cat", **call).images, closed("a cat", **call).images
+    assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_weight_headers_count_the_parameters_pytorch_loads(sd3):
+    from diffusers import SD3Transformer2DModel
+
+    from sdrt.export import memory
+
+    folder, _ = sd3
+    model = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    # the weights and the persistent buffers (the position embeddings' table): what the file holds and loads
+    assert memory.part_parameters(folder / "transformer", "diffusion_pytorch_model") == sum(
+        t.numel() for t in model.state_dict().values()
+    )
+
+
+def test_drop_t5_and_component_lists_are_checked_against_the_family(sd3):
+    from sdrt.export.build import ExportOptions
+    from sdrt.runtime.errors import ExportError
+
+    sd3_family, sd15 = families.FAMILIES["sd3"], families.FAMILIES["sd1"]
+    with pytest.raises(ExportError, match="--drop-t5: the sd1 family has no T5"):
+        ExportOptions(drop_t5=True).components_of(sd15)
+    with pytest.raises(ExportError, match="expected no text_encoder_3 in --components as well"):
+        ExportOptions(drop_t5=True, components=("text_encoder_3",)).components_of(sd3_family)
+    listed = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+    assert ExportOptions(components=listed).components_of(sd3_family) == listed  # T5 left out by the list
+    assert "text_encoder_3" not in ExportOptions(drop_t5=True).components_of(sd3_family)
+    with pytest.raises(ExportError, match="text-to-image needs transformer"):
+        ExportOptions(components=("text_encoder", "text_encoder_2", "vae_decoder")).components_of(sd3_family)
