@@ -1,6 +1,6 @@
 """int8 post-training quantization of an artifact directory: ``artifacts/NAME`` -> ``artifacts/NAME-int8``.
 
-The calibration inputs are the UNet's (and VAE decoder's) real inputs, recorded while sdrt's own
+The calibration inputs are the denoiser's (the UNet's, or SD 3's transformer's) and the VAE decoder's real inputs, recorded while sdrt's own
 fp32 pipeline generates images from a fixed list of prompts: the latents, timesteps and text
 embeddings the quantized graph will see in service, at every step of the schedule. onnxruntime's
 ``quantize_static`` then writes a QDQ graph (QuantizeLinear/DequantizeLinear around Conv, MatMul
@@ -37,7 +37,9 @@ from sdrt.runtime.manifest import MANIFEST_NAME, Component, FileRecord, Manifest
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE = ("unet", "vae_decoder")
+# "denoiser" is the family's (the UNet, or SD 3's transformer), as the default names it for every family.
+DENOISER = "denoiser"
+QUANTIZABLE = (DENOISER, "unet", "transformer", "vae_decoder")
 # Weight-bearing ops. Softmax, normalizations and elementwise ops stay float: they are cheap, and
 # quantizing them only adds requantization error between the integer kernels.
 OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -76,7 +78,7 @@ HELD_OUT_SEED = 2000
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    components: tuple[str, ...] = ("unet",)
+    components: tuple[str, ...] = (DENOISER,)
     calibration_prompts: int = 8  # taken in order from CALIBRATION_PROMPTS, one seed each
     calibration_steps: int = 8  # denoising steps per prompt: every step's UNet input is one sample
     # 256 px: activation ranges are per channel and per tensor, not per pixel, so a smaller image
@@ -153,6 +155,10 @@ def quantize_artifacts(
     started = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
     manifest = _check_source(source, out_dir, options)
+    denoiser = manifest.model_family.denoiser
+    options = replace(
+        options, components=tuple(dict.fromkeys(denoiser if c == DENOISER else c for c in options.components))
+    )
     fingerprint = input_fingerprint(source, options)
     if not force:
         existing = up_to_date(out_dir, fingerprint)
@@ -249,6 +255,7 @@ def _check_source(source: Path, out_dir: Path, options: QuantizeOptions) -> Mani
         )
     manifest = Manifest.load(source, verify_hashes=True)
     for name in options.components:
+        name = manifest.model_family.denoiser if name == DENOISER else name
         if name not in manifest.components:
             raise ExportError(
                 f"{name}: expected it among the source's components {sorted(manifest.components)}, got none"
@@ -314,7 +321,7 @@ def _record_runs(artifacts: Path, options: QuantizeOptions, prompts, first_seed:
     # The portable graphs, not a per-machine cache from engines/: the reference is the fp32 graph itself,
     # and loading must not write into the source. Hashes were checked by the caller.
     with Pipeline.load(artifacts, backend="onnxruntime", verify_hashes=False, cache=False) as pipe:
-        recorders = {name: RecordingSession(pipe.sessions[name]) for name in QUANTIZABLE}
+        recorders = {name: RecordingSession(pipe.sessions[name]) for name in QUANTIZABLE if name in pipe.sessions}
         pipe.sessions.update(recorders)
         images = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds), 1):

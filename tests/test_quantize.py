@@ -206,7 +206,7 @@ def test_interrupted_run_leaves_the_previous_output(int8, tiny_artifacts, monkey
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"components": ("text_encoder",)}, "components: expected one or more of unet, vae_decoder"),
+        ({"components": ("text_encoder",)}, "components: expected one or more of denoiser, unet, transformer, vae_d"),
         ({"components": ()}, "components: expected one or more"),
         ({"calibration_prompts": 0}, "calibration prompts: expected 1 to 16, got 0"),
         ({"calibration_steps": 0}, "calibration steps: expected 1 to 1000, got 0"),
@@ -256,3 +256,23 @@ def test_manifest_is_plain_json(int8):
     # Python's json reads NaN and Infinity unless told not to; other JSON readers refuse them.
     data = json.loads((int8.out / "manifest.json").read_text(), parse_constant=refuse)
     assert data["components"]["unet"]["precision"] == "int8"
+
+
+def test_sd3s_transformer_is_quantized_as_the_denoiser(family_artifacts, tmp_path):
+    """The default component is the family's denoiser: SD 3's transformer gets int8 weights in every weight-bearing
+    node (its attention's activation x activation MatMuls stay float), its error is measured on held-out inputs, and
+    the int8 pipeline generates; the UNet named on a transformer model is refused."""
+    source = family_artifacts("tiny-sd3")
+    with pytest.raises(ExportError, match=r"unet: expected it among the source's components"):
+        quantize_artifacts(source, tmp_path / "unet", QuantizeOptions(components=("unet",)))
+    options = QuantizeOptions(calibration_prompts=1, calibration_steps=2, calibration_height=64,
+                              calibration_width=64, verification_prompts=1)  # fmt: skip
+    report = quantize_artifacts(source, tmp_path / "int8", options)
+    component = report.manifest.components["transformer"]
+    assert component.precision == "int8" and report.manifest.build["quantization"]["components"] == ["transformer"]
+    fp32 = onnx.load(str(source / "onnx" / "transformer.onnx"))
+    assert quantize.quantized_node_counts(tmp_path / "int8" / "onnx" / "transformer.onnx") == weight_nodes(fp32)
+    assert component.verification["samples"] == 2 and np.isfinite(component.verification["psnr_db"])
+    with Pipeline.load(tmp_path / "int8", cache=False) as pipe:
+        image = pipe("a cat", height=64, width=64, num_inference_steps=2, seed=1).images[0]
+    assert image.shape == (64, 64, 3) and image.std() > 0
