@@ -110,14 +110,26 @@ class Transformer(torch.nn.Module):
             # runtime refuses sizes beyond the grid before any call (ModelDims.max_latent_size).
             embed.cropped_pos_embed = types.MethodType(_crop_pos_embed, embed)
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, skip_layers):
+        """diffusers' SD3Transformer2DModel.forward (no ControlNet, IP-Adapter or attention kwargs), with the block
+        loop taking ``skip_layers``, a 0/1 mask per block: a skipped block passes its inputs on, as diffusers'
+        ``skip_layers=[...]`` (skip-layer guidance) does, in one graph for every mask."""
+        t = self.transformer
+        height, width = hidden_states.shape[-2:]
+        hidden = t.pos_embed(hidden_states)
+        temb = t.time_text_embed(timestep, pooled_projections)
+        context = t.context_embedder(encoder_hidden_states)
+        for index, block in enumerate(t.transformer_blocks):
+            new_context, new_hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            skip = skip_layers[index] > 0.5
+            hidden = torch.where(skip, hidden, new_hidden)
+            if new_context is not None:  # the last block returns no context (context_pre_only)
+                context = torch.where(skip, context, new_context)
+        hidden = t.proj_out(t.norm_out(hidden, temb))
+        p = t.config.patch_size
+        hidden = hidden.reshape(hidden.shape[0], height // p, width // p, p, p, t.out_channels)
+        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
+        return hidden.reshape(hidden.shape[0], t.out_channels, height, width)
 
 
 class UNet(torch.nn.Module):
@@ -498,6 +510,7 @@ def _transformer_dims(source: Path, family: Family, parts: dict, tcfg, common: d
         sample_size=int(tcfg.sample_size),
         patch_size=int(tcfg.patch_size),
         pos_embed_max_size=int(tcfg.pos_embed_max_size or 0),
+        transformer_layers=int(tcfg.num_layers),
         t5_hidden=t5_hidden,
         t5_vocab_size=int(t5_config.vocab_size),
         text_pooled=pooled,

@@ -77,6 +77,9 @@ class ModelDims:
     # Each text encoder's pooled projection width, where more than the last one is pooled (SD 3: CLIP-L's and
     # CLIP-G's, concatenated into pooled_dim). Empty: only the last encoder is pooled, at pooled_dim (SDXL).
     text_pooled: tuple[int, ...] = ()
+    # A transformer denoiser's blocks: its graph takes a 0/1 mask of them to skip (SD 3.5's skip-layer guidance).
+    # 0: a graph without that input (exported before sdrt had it).
+    transformer_layers: int = 0
 
     def __post_init__(self):
         if self.vae_kind not in VAE_KINDS:
@@ -478,8 +481,15 @@ def _transformer_spec(dims: ModelDims) -> ComponentSpec:
     latent = ["batch", dims.latent_channels, "latent_height", "latent_width"]
 
     def plausible(feed, rng):
-        return {"timestep": rng.uniform(0, 1000, size=feed["timestep"].shape).astype(np.float32)}
+        values = {"timestep": rng.uniform(0, 1000, size=feed["timestep"].shape).astype(np.float32)}
+        if "skip_layers" in feed:  # every other block skipped, from a random first: both paths of each are traced
+            first = int(rng.integers(0, 2))
+            values["skip_layers"] = (np.arange(dims.transformer_layers) % 2 == first).astype(np.float32)
+        return values
 
+    # skip_layers: 1 where a block is skipped (its inputs passed on), as diffusers' skip_layers=[...]; all zeros
+    # for every ordinary step, so one graph serves both.
+    skip = (TensorSpec("skip_layers", "float32", [dims.transformer_layers]),) if dims.transformer_layers else ()
     return ComponentSpec(
         "transformer",
         (
@@ -487,6 +497,7 @@ def _transformer_spec(dims: ModelDims) -> ComponentSpec:
             TensorSpec("encoder_hidden_states", "float32", ["batch", "text_tokens", dims.cross_attention_dim]),
             TensorSpec("pooled_projections", "float32", ["batch", dims.pooled_dim]),
             TensorSpec("timestep", "float32", ["batch"]),
+            *skip,
         ),
         (TensorSpec("out_sample", "float32", latent),),
         wrapper="Transformer",

@@ -113,11 +113,11 @@ def test_interrupted_build_leaves_nothing(tiny_model, tiny_artifacts, tmp_path, 
     calls = []
     fail_at = [2]
 
-    def export_then_fail(pipe, name, root, options):
+    def export_then_fail(pipe, name, root, options, release=None):
         calls.append(name)
         if len(calls) == fail_at[0]:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during this component
-        return real(pipe, name, root, options)
+        return real(pipe, name, root, options, release)
 
     monkeypatch.setattr(build, "_export_component", export_then_fail)
     fresh = tmp_path / "fresh"
@@ -177,14 +177,15 @@ def test_large_graphs_keep_weights_as_external_data(tiny_model, tmp_path, monkey
     data = path.with_name("vae_decoder.onnx.data")
     assert files == [path, data]
     assert path.stat().st_size < data.stat().st_size / 4  # the graph keeps only small constants
-    result = onnx_export.verify_onnx(spec, pipe.module("vae_decoder"), path, [feed])
+    reference = onnx_export.reference_outputs(spec, pipe.module("vae_decoder"), [feed])
+    result = onnx_export.verify_onnx(spec, reference, path, [feed])
     assert result["passed"] and result["max_abs_error"] < FP32_MAX_ABS_ERROR
     # every later step writes its result with external data too, and leaves no stale data behind
     graph.slim(path)
     assert graph.graph_files(path) == [path, data] and path.stat().st_size < data.stat().st_size / 4
     graph.to_fp16(path)
     assert graph.graph_files(path) == [path, data] and path.stat().st_size < data.stat().st_size / 4
-    result = onnx_export.verify_onnx(spec, pipe.module("vae_decoder"), path, [feed], "fp16")
+    result = onnx_export.verify_onnx(spec, reference, path, [feed], "fp16")
     assert result["passed"] and sorted(p.name for p in tmp_path.rglob("*")) == sorted(
         ["onnx", "vae_decoder.onnx", "vae_decoder.onnx.data"]
     )
@@ -210,6 +211,7 @@ def test_verification_fails_clearly_when_the_graph_differs(tiny_model, tiny_arti
 
     path = tiny_artifacts / Manifest.load(tiny_artifacts).components["vae_decoder"].path
     with pytest.raises(ExportError, match=r"vae_decoder: fp32 ONNX output 'image' differs from PyTorch by 0\.01.*PSNR"):
-        onnx_export.verify_onnx(spec, Shifted(), path, [feed])
+        onnx_export.verify_onnx(spec, onnx_export.reference_outputs(spec, Shifted(), [feed]), path, [feed])
     # the same difference is within fp16's tolerance, as it should be for a half-precision graph
-    assert onnx_export.verify_onnx(spec, Shifted(), path, [feed], "fp16")["passed"]
+    shifted = onnx_export.reference_outputs(spec, Shifted(), [feed])
+    assert onnx_export.verify_onnx(spec, shifted, path, [feed], "fp16")["passed"]

@@ -29,6 +29,7 @@ def test_the_sd3_family_and_its_dims_are_recorded(sd3):
     assert (d.patch_size, d.pos_embed_max_size, d.t5_hidden, d.text_pooled) == (2, 64, 80, (32, 32))
     assert (d.pooled_dim, d.cross_attention_dim, d.latent_channels, d.latent_multiple) == (64, 80, 16, 2)
     assert d.max_latent_size == 128 and m.spatial_multiple == 16  # 8 pixels per latent, 2 latents per patch
+    assert d.transformer_layers == 2 and m.components["transformer"].inputs[-1].shape == [2]  # the skip mask
     assert m.vae["shift_factor"] == pytest.approx(0.0609) and m.vae_scaling_factor == pytest.approx(1.5305)
     assert m.tokenizers["tokenizer_3"].max_length == 256 and m.tokenizers["tokenizer_3"].pad_token_id == 0
     for name, c in m.components.items():
@@ -56,11 +57,18 @@ def test_the_transformer_and_t5_graphs_equal_pytorch_at_untraced_sizes(sd3):
         "pooled_projections": rng.standard_normal((3, 64)).astype(np.float32),
         "timestep": np.array([999.0, 500.0, 3.0], np.float32),
     }
-    (got,) = _session(artifacts, m, "transformer").run(None, feed)
+    session = _session(artifacts, m, "transformer")
     model = SD3Transformer2DModel.from_pretrained(folder / "transformer").eval()
-    with torch.no_grad():
-        want = model(**{k: torch.from_numpy(v) for k, v in feed.items()}, return_dict=False)[0].numpy()
-    assert got.shape == (3, 16, 12, 8) and np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    outputs = []
+    for skip in ([], [0], [1]):  # skip-layer guidance's mask: no block, the first (joint), the last (context-only)
+        mask = np.isin(np.arange(2), skip).astype(np.float32)
+        (got,) = session.run(None, {**feed, "skip_layers": mask})
+        with torch.no_grad():
+            args = {k: torch.from_numpy(v) for k, v in feed.items()}
+            want = model(**args, skip_layers=skip or None, return_dict=False)[0].numpy()
+        assert got.shape == (3, 16, 12, 8) and np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max()), skip
+        outputs.append(got)
+    assert np.abs(outputs[0] - outputs[1]).mean() > 1e-3 and np.abs(outputs[0] - outputs[2]).mean() > 1e-3
     ids = rng.integers(0, 296, (2, 40)).astype(np.int64)
     (hidden,) = _session(artifacts, m, "text_encoder_3").run(None, {"input_ids": ids})
     t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3").eval()
