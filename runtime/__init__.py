@@ -5,7 +5,7 @@ Importing this package costs only NumPy; backends load their library when a sess
 
 from importlib import metadata as _metadata
 
-from sdrt.runtime.errors import ArtifactError, BackendError, ExportError, InputError, SdrtError
+from sdrt.runtime.errors import ArtifactError, BackendError, ExportError, InputError, InternalError, SdrtError
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.pipeline import GenerationResult, Pipeline
 
@@ -20,6 +20,7 @@ __all__ = [
     "ExportError",
     "GenerationResult",
     "InputError",
+    "InternalError",
     "Manifest",
     "Pipeline",
     "SdrtError",

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.validation import describe
 
 VAE_SCALE_FACTOR = 8  # diffusers' vae_scale_factor for every SD 1.x/2.x/XL VAE (2 ** (len(block_out_channels) - 1))
 
@@ -89,7 +90,7 @@ def _items(value, what: str) -> list:
 
 def _check_multiple(multiple) -> int:
     if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
-        raise InputError(f"multiple: expected a positive integer, got {multiple!r}")
+        raise InputError(f"multiple: expected a positive integer, got {describe(multiple)}")
     return int(multiple)
 
 
@@ -102,7 +103,7 @@ def _target_size(size: tuple[int, int], height, width, multiple: int, what: str)
         if value is None:
             value, source = own, "the image's own"
         elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise InputError(f"{what} {name}: expected a positive integer or None, got {value!r}")
+            raise InputError(f"{what} {name}: expected a positive integer or None, got {describe(value)}")
         value = int(value)
         if value < multiple:  # rounding down would leave nothing
             raise InputError(
@@ -283,7 +284,7 @@ def mask_to_latent(mask: np.ndarray, latent_height: int, latent_width: int) -> n
         raise InputError(f"mask: expected a NumPy array of shape NCHW (e.g. N1HW), got {_describe(mask)}")
     for name, value in (("latent_height", latent_height), ("latent_width", latent_width)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise InputError(f"{name}: expected a positive integer, got {value!r}")
+            raise InputError(f"{name}: expected a positive integer, got {describe(value)}")
     return np.ascontiguousarray(_resize_nearest(mask, int(latent_height), int(latent_width)), dtype=np.float32)
 
 
@@ -307,7 +308,7 @@ def guidance_scale_embedding(w, embedding_dim: int = 512) -> np.ndarray:
     if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
         raise InputError(f"w: expected a numeric array, got {_describe(w)}")
     if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, numbers.Integral) or embedding_dim < 4:
-        raise InputError(f"embedding_dim: expected an integer >= 4, got {embedding_dim!r}")
+        raise InputError(f"embedding_dim: expected an integer >= 4, got {describe(embedding_dim)}")
     if np.issubdtype(w.dtype, np.integer):
         w = w.astype(np.float32)  # torch: an integer tensor times 1000.0 is a float32 tensor
     w = (w * 1000.0).astype(np.float32)  # in w's own precision (half, float or double), then .to(float32)
@@ -327,13 +328,13 @@ def guidance_scale_embedding(w, embedding_dim: int = 512) -> np.ndarray:
 
 def _pair(value, name: str) -> list[float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) or len(value) != 2:
-        raise InputError(f"{name}: expected a pair of numbers (e.g. (1024, 1024)), got {value!r}")
+        raise InputError(f"{name}: expected a pair of numbers (e.g. (1024, 1024)), got {describe(value)}")
     return [_number(v, name) for v in value]
 
 
 def _number(value, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise InputError(f"{name}: expected finite numbers, got {value!r}")
+        raise InputError(f"{name}: expected finite numbers, got {describe(value)}")
     return value
 
 
@@ -358,11 +359,11 @@ def refiner_time_ids(original_size, crops_coords_top_left, aesthetic_score) -> n
 
 def _cutoff(num_train_timesteps, fraction, name: str) -> int:
     if isinstance(fraction, (bool, np.bool_)) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
-        raise InputError(f"{name}: expected a fraction strictly between 0 and 1, got {fraction!r}")
+        raise InputError(f"{name}: expected a fraction strictly between 0 and 1, got {describe(fraction)}")
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral):
-        raise InputError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
+        raise InputError(f"num_train_timesteps: expected a positive integer, got {describe(num_train_timesteps)}")
     if num_train_timesteps < 1:
-        raise InputError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
+        raise InputError(f"num_train_timesteps: expected a positive integer, got {describe(num_train_timesteps)}")
     n = int(num_train_timesteps)
     return int(round(n - (float(fraction) * n)))  # Python's round (half to even), in float64, as diffusers
 
@@ -392,7 +393,7 @@ def denoising_start_begin(timesteps, order: int, num_train_timesteps: int, denoi
     denoises nothing and decodes the given latents; ``start`` rejects that index, so handle it before starting a run.
     """
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
-        raise InputError(f"order: expected a positive integer (the scheduler's order), got {order!r}")
+        raise InputError(f"order: expected a positive integer (the scheduler's order), got {describe(order)}")
     cutoff = _cutoff(num_train_timesteps, denoising_start, "denoising_start")
     array = _timesteps(timesteps)
     count = int(np.count_nonzero(array < cutoff))

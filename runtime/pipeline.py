@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import numbers
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import numpy as np
 
 from sdrt.runtime import backends, choice, conditioning, control, families, lora, schedulers, validation
 from sdrt.runtime.controlnet import ControlNetManifest
-from sdrt.runtime.errors import ArtifactError, BackendError, InputError, NumericalError, SdrtError
+from sdrt.runtime.errors import ArtifactError, BackendError, InputError, InternalError, NumericalError, SdrtError
 from sdrt.runtime.families import Family, ModelDims
 from sdrt.runtime.images import to_uint8
 from sdrt.runtime.manifest import Component, Manifest
@@ -41,6 +43,35 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
+def _internal_error(what: str) -> InternalError:
+    """The error for the exception being handled: logged with its traceback under a new request id."""
+    error = InternalError(uuid.uuid4().hex[:12], what)
+    log.exception("request %s: %s failed unexpectedly", error.request_id, what)
+    return error
+
+
+def describe_text(text: str, most: int = 60) -> str:
+    return repr(text) if len(text) <= most else f"{text[:most]!r}... ({len(text):,} characters)"
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """diffusers' SD 3 skip-layer guidance for one call: blocks to skip, scale, and the fraction of steps it spans."""
+
+    layers: tuple[int, ...]
+    scale: float
+    start: float
+    stop: float
+
+    def active(self, i: int, steps: int) -> bool:
+        return steps * self.start < i < steps * self.stop  # diffusers' test, on the step index
+
+    def mask(self, blocks: int) -> np.ndarray:
+        mask = np.zeros(blocks, np.float32)
+        mask[list(self.layers)] = 1.0
+        return mask
+
+
 @dataclass
 class GenerationResult:
     images: np.ndarray | None  # (batch, height, width, 3) uint8; None with output_type="latent"
@@ -48,6 +79,8 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; "unet_steps" per step
     latents: np.ndarray | None = None  # the final latents with output_type="latent" (for a refiner's image=)
     loras: list[dict] = field(default_factory=list)  # the adapters applied: name, sha256, scale
+    # What the call did that the caller may not expect, e.g. a prompt truncated to the text encoder's tokens.
+    warnings: list[str] = field(default_factory=list)
 
     def to_pil(self) -> list:
         from PIL import Image
@@ -155,16 +188,24 @@ class _Job:
     x: np.ndarray | None = None  # the latents during the loop
     extra: np.ndarray | None = None  # a 9-channel UNet's mask and masked-image latents, in its rows
     pred: np.ndarray | None = None
+    text_pred: np.ndarray | None = None  # the prompt's half of a guided prediction (skip-layer guidance)
     out: np.ndarray | None = None
     images: np.ndarray | None = None
     error: SdrtError | None = None
+    warnings: list[str] = field(default_factory=list)
+    slg: SkipLayerGuidance | None = None  # SD 3's skip-layer guidance, when asked for and guided
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys can share UNet calls: same latent size, steps, timesteps, adapter set, and UNet (the
-        one taking ControlNet residuals, or the plain one)."""
+        """Jobs with equal keys can share UNet calls: same latent size, steps, timesteps, adapter set, UNet (the
+        one taking ControlNet residuals, or the plain one), and text length (SD 3's T5 tokens, max_sequence_length:
+        the transformer's text rows are one tensor)."""
         timesteps = np.asarray(self.run.timesteps[: self.steps]).tobytes()
-        return (self.shape[2:], self.steps, timesteps, self.adapters.key, self.control is not None)
+        slg = None if self.slg is None else (self.slg.layers, self.slg.start, self.slg.stop)
+        return (
+            self.shape[2:], self.steps, timesteps, self.adapters.key, self.control is not None, self.request.t5_length,
+            slg,
+        )  # fmt: skip
 
 
 class ZeroResiduals:
@@ -348,7 +389,7 @@ class Pipeline:
             unknown = sorted(set(components) - set(family))
             if unknown:
                 raise InputError(f"components: expected names from {', '.join(family)}, got {unknown}")
-            optional = ("vae_decoder", "vae_encoder", "text_encoder_3")  # SD 3 without T5: zeros in its place
+            optional = ("vae_decoder", "vae_encoder", *manifest.model_family.optional_text_encoders())
             names = tuple(c for c in names if c in components or c not in optional)
         # ControlNets are checked before anything is opened: each fits the model, which has unet_control
         nets = []
@@ -447,12 +488,20 @@ class Pipeline:
         negative_prompt_2: str | list[str] | None = None,
         negative_prompt_3: str | list[str] | None = None,
         max_sequence_length: int | None = None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float | None = None,
+        skip_layer_guidance_start: float | None = None,
+        skip_layer_guidance_stop: float | None = None,
     ) -> GenerationResult:
         """Generate images; arguments as diffusers' pipelines for the model's family and the task.
 
         ``prompt_2`` / ``prompt_3`` (and their negatives): the prompts of the second and third text encoder (SDXL's
         CLIP-G; SD 3's CLIP-G and T5), each defaulting to ``prompt`` (``negative_prompt``). ``max_sequence_length``
-        (SD 3): T5's tokens per prompt, default 256, at most 512.
+        (SD 3): T5's tokens per prompt, default 256, at most 512. ``skip_guidance_layers`` (SD 3 text-to-image, as
+        diffusers' StableDiffusion3Pipeline; SD 3.5 Medium is run with [7, 8, 9]): at the steps i with start * n <
+        i < stop * n (``skip_layer_guidance_start`` 0.01, ``..._stop`` 0.2), one more transformer call on the
+        prompt's rows with those blocks skipped, and the prediction moved by ``skip_layer_guidance_scale`` (2.8)
+        times (text - that call's), as diffusers does (guided calls only).
 
         The task follows from the inputs: ``image`` makes it image-to-image (a PIL image, a path, a NumPy
         array, or a list of them; or latents of shape (n, latent channels, h, w), e.g. an SDXL base's
@@ -513,15 +562,33 @@ class Pipeline:
             except SdrtError as e:
                 results[i] = e
                 continue
+            except Exception:  # not a refusal sdrt names: logged with an id, answered without the library's text
+                results[i] = _internal_error("checking a call's arguments")
+                continue
             groups.setdefault(job.key, []).append((i, job))
         for members in groups.values():
             try:
                 outcomes = self._execute([job for _, job in members])
-            except SdrtError as e:  # a backend failure: every call of the group gets it
+            except SdrtError as e:  # a backend failure sdrt names: every call of the group gets it
                 outcomes = [e] * len(members)
+            except Exception:
+                if len(members) == 1:
+                    outcomes = [_internal_error("generation")]
+                else:  # which call failed is unknown: each runs again alone (from its own seed), failing only itself
+                    log.warning("a group of %d calls failed unexpectedly: running each alone", len(members))
+                    outcomes = [self._alone(calls[i], t_start) for i, _ in members]
             for (i, _), outcome in zip(members, outcomes):
                 results[i] = outcome
         return results  # type: ignore[return-value]
+
+    def _alone(self, call: Mapping[str, Any], t_start: float) -> GenerationResult | SdrtError:
+        try:
+            (outcome,) = self._execute([self._prepare(_call_arguments(call), t_start)])
+            return outcome
+        except SdrtError as e:
+            return e
+        except Exception:
+            return _internal_error("generation")
 
     def _prepare(self, a: dict, t_start: float) -> _Job:
         """Check one call's arguments and complete them with the model's defaults; nothing heavy runs."""
@@ -563,6 +630,16 @@ class Pipeline:
         seed = int(np.random.SeedSequence().entropy % 2**63) if a["seed"] is None else int(a["seed"])
         generator = make_generator(seed, a["rng"])
         job = _Job(request, run, n, seed, generator, latents, shape, a["output_type"], a["callback"], t_start)
+        job.warnings = self._truncation_warnings(request)
+        job.slg = self._skip_layer_guidance(a, request, job.warnings)
+        if request.task == "inpainting":
+            mask = a["mask_image"][0] if isinstance(a["mask_image"], (list, tuple)) else a["mask_image"]
+            own = mask.shape[:2] if isinstance(mask, np.ndarray) and mask.ndim == 2 else _own_size(mask, 1)
+            if own is not None and tuple(own) != (request.height, request.width):
+                job.warnings.append(
+                    f"mask_image: resized from {own[1]}x{own[0]} to the output's {request.width}x{request.height} "
+                    "(as diffusers does)"
+                )
         job.adapters = adapters
         job.control = control.prepare(
             len(self.controlnets), a, request.batch, request.images_per_prompt, request.guided, request.height,
@@ -632,7 +709,9 @@ class Pipeline:
             if len(jobs) > 1:
                 job.timings["batch_size"] = batch
             latent = job.out if job.output_type == "latent" else None
-            results.append(GenerationResult(job.images, job.seed, job.timings, latent, job.adapters.describe()))
+            results.append(
+                GenerationResult(job.images, job.seed, job.timings, latent, job.adapters.describe(), job.warnings)
+            )
         return results
 
     # -- checking the request ----------------------------------------------------------------------
@@ -642,17 +721,24 @@ class Pipeline:
         """The arguments that are single values: types, finiteness, ranges; before anything is computed."""
         v, limits = validation, self.limits
         v.integer("num_inference_steps", steps, low=1, high=limits.max_steps)
-        v.number("guidance_scale", guidance_scale, hint=" (guidance applies above 1.0; 1.0 turns it off)")
+        v.number(
+            "guidance_scale", guidance_scale, low=0.0, high=v.MAX_GUIDANCE,
+            hint=" (guidance applies above 1.0; 1.0 turns it off; models are run at 1 to 15)",
+        )  # fmt: skip
         v.integer("num_images_per_prompt", images_per_prompt, low=1, high=limits.max_images)
         if seed is not None:
             v.integer("seed", seed, low=0, high=2**64 - 1)
         v.number("eta", eta, low=0.0)
         if scheduler is not None and not isinstance(scheduler, str):
-            raise InputError(f"scheduler: expected a scheduler name (str) or None, got {scheduler!r}")
+            raise InputError(
+                f"scheduler: expected a scheduler name (str) or None, got {validation.describe(scheduler)}"
+            )
         v.choice("rng", rng, GENERATORS)
         v.choice("output_type", output_type, OUTPUT_TYPES)
         if callback is not None and not callable(callback):
-            raise InputError(f"callback: expected a callable (steps done, total) or None, got {callback!r}")
+            raise InputError(
+                f"callback: expected a callable (steps done, total) or None, got {validation.describe(callback)}"
+            )
         if output_type != "latent" and "vae_decoder" not in self.sessions:
             raise InputError(
                 "output_type: images need the VAE decoder, which this pipeline was loaded without; "
@@ -669,7 +755,9 @@ class Pipeline:
                 applies = (
                     "SDXL base" if name == "target_size" else "the SDXL refiner" if "aesthetic" in name else "SDXL"
                 )
-                raise InputError(f"{name}: applies to {applies} models, got {value!r} for a {self.family.name} model")
+                raise InputError(
+                    f"{name}: applies to {applies} models, got {validation.describe(value)} for a {self.family.name} model"
+                )
             if name.endswith("score"):
                 v.number(name, value)
             else:
@@ -724,7 +812,9 @@ class Pipeline:
         elif task == "image-to-image":
             strength = self.family.default_strength if strength is None else strength
         elif strength is not None:
-            raise InputError(f"strength: applies to image-to-image and inpainting (give image=), got {strength!r}")
+            raise InputError(
+                f"strength: applies to image-to-image and inpainting (give image=), got {validation.describe(strength)}"
+            )
         else:
             strength = 1.0
         strength = validation.number("strength", strength, low=0.0, high=1.0, low_open=True)
@@ -741,8 +831,9 @@ class Pipeline:
             own = _own_size(image, self.dims.vae_scale_factor)  # read from the header: nothing decoded yet
             if own is not None:
                 self.limits.check(self.dims.vae_kind, batch, height or own[0], width or own[1])
-        else:  # the output size is known before any image is read: refuse an oversized request first
+        else:  # the output size is known before any image is read: refuse an oversized or misfit request first
             self.limits.check(self.dims.vae_kind, batch, height or default_h, width or default_w)
+            self.latent_shape(1, height or default_h, width or default_w)
 
         pixels = None
         if task != "text-to-image":
@@ -792,7 +883,7 @@ class Pipeline:
                 if a[name] is not None and len(roles) < k:
                     raise InputError(
                         f"{name}: applies to models with {k} text encoders or more (SDXL, SD 3), this "
-                        f"{self.family.name} model has {len(roles)}; got {a[name]!r}"
+                        f"{self.family.name} model has {len(roles)}; got {validation.describe(a[name])}"
                     )
             if len(roles) >= k:
                 given = a[pname]
@@ -809,7 +900,7 @@ class Pipeline:
         if length is not None and not t5:
             raise InputError(
                 f"max_sequence_length: applies to models with a T5 text encoder (SD 3), not {self.family.name}; "
-                f"got {length!r}"
+                f"got {validation.describe(length)}"
             )
         if t5:
             length = self.dims.t5_default_length if length is None else length
@@ -818,17 +909,91 @@ class Pipeline:
             request, prompt_sets=tuple(prompt_sets), negative_sets=tuple(negative_sets), t5_length=int(length or 0)
         )
 
-    def _tokenize(self, role, texts: list[str], length: int = 0) -> np.ndarray:
-        """Token ids of ``texts`` for ``role``; T5's at ``length`` tokens (a tokenizer per length, kept)."""
+    def _skip_layer_guidance(self, a: dict, request: Request, warnings: list[str]) -> SkipLayerGuidance | None:
+        """SD 3's skip-layer guidance arguments, checked; None when not asked for (or without guidance, where
+        diffusers ignores them: a warning says so)."""
+        names = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+                 "skip_layer_guidance_stop")  # fmt: skip
+        given = [n for n in names if a[n] is not None]
+        if not given:
+            return None
+        blocks = self.dims.transformer_layers
+        if self.family.denoiser != "transformer":
+            raise InputError(f"{given[0]}: applies to SD 3 models (a transformer's blocks), not {self.family.name}; "
+                             f"got {validation.describe(a[given[0]])}")  # fmt: skip
+        component = self.manifest.components["transformer"]
+        if not blocks or "skip_layers" not in [t.name for t in component.inputs]:
+            raise InputError(f"{given[0]}: this transformer graph takes no skip_layers mask (exported by an "
+                             "earlier sdrt): re-export the model with `sdrt export`")  # fmt: skip
+        layers = a["skip_guidance_layers"]
+        if layers is None:
+            raise InputError(f"{given[0]}: applies with skip_guidance_layers (the blocks to skip), got none")
+        if request.task != "text-to-image":
+            raise InputError(
+                f"skip_guidance_layers: applies to text-to-image (diffusers' SD 3 image-to-image and inpainting "
+                f"pipelines take none), got it for {request.task}"
+            )
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and 0 <= k < blocks for k in layers)
+            or len(set(layers)) != len(layers)
+        ):
+            raise InputError(
+                f"skip_guidance_layers: expected a non-empty list of distinct block indices in [0, {blocks - 1}] (SD "
+                f"3.5 Medium is run with [7, 8, 9]), got {validation.describe(layers)}"
+            )
+        scale = a["skip_layer_guidance_scale"]
+        scale = validation.number("skip_layer_guidance_scale", 2.8 if scale is None else scale, low=0.0,
+                                  high=validation.MAX_GUIDANCE)  # fmt: skip
+        start, stop = (0.01 if a["skip_layer_guidance_start"] is None else a["skip_layer_guidance_start"],
+                       0.2 if a["skip_layer_guidance_stop"] is None else a["skip_layer_guidance_stop"])  # fmt: skip
+        start = validation.number("skip_layer_guidance_start", start, low=0.0, high=1.0)
+        stop = validation.number("skip_layer_guidance_stop", stop, low=0.0, high=1.0)
+        if not request.guided:
+            warnings.append("skip_guidance_layers: no effect without guidance (guidance_scale > 1), as in diffusers")
+            return None
+        return SkipLayerGuidance(tuple(int(k) for k in layers), float(scale), float(start), float(stop))
+
+    def _truncation_warnings(self, request: Request) -> list[str]:
+        """One line per prompt (or negative prompt) longer than its text encoder reads, naming what was cut."""
+        warnings = [
+            f"prompt{f'[{i}]' if len(request.prompts) > 1 else ''}: empty: the image follows no text"
+            for i, text in enumerate(request.prompts)
+            if not text.strip()
+        ]
+        for index, role in enumerate(self.family.text_encoders):
+            if role.component not in self.sessions:
+                continue
+            kinds = [("prompt", request.texts(index, None))]
+            if request.guided and request.negatives:
+                kinds.append(("negative_prompt", request.texts(index, request.negatives)[len(request.prompts) :]))
+            length = request.t5_length if role.kind == "t5" else 0
+            tokenizer = self._sized_tokenizer(role, length)
+            for what, texts in kinds:
+                for i, cut in enumerate(tokenizer.dropped(texts)):
+                    if cut:
+                        where = f"{what}[{i}]" if len(texts) > 1 else what
+                        warnings.append(
+                            f"{where}: truncated to {tokenizer.max_length} tokens for {role.component} (its limit"
+                            f"{', max_sequence_length' if role.kind == 't5' else ''}); not read: {describe_text(cut)}"
+                        )
+        return warnings
+
+    def _sized_tokenizer(self, role, length: int = 0) -> ClipTokenizer:
         if role.kind != "t5" or not length or length == self.tokenizers[role.tokenizer].max_length:
-            return self.tokenizers[role.tokenizer](texts)
+            return self.tokenizers[role.tokenizer]
         key = (role.tokenizer, length)
         tokenizer = self._sized_tokenizers.get(key)
         if tokenizer is None:
             info = self.manifest.tokenizers[role.tokenizer]
             tokenizer = ClipTokenizer.from_tokenizer_dir(self.root / info.path, length, info.pad_token_id)
             self._sized_tokenizers[key] = tokenizer
-        return tokenizer(texts)
+        return tokenizer
+
+    def _tokenize(self, role, texts: list[str], length: int = 0) -> np.ndarray:
+        """Token ids of ``texts`` for ``role``; T5's at ``length`` tokens (a tokenizer per length, kept)."""
+        return self._sized_tokenizer(role, length)(texts)
 
     def _check_profiles(self, batch: int, height: int, width: int, guided: bool) -> None:
         """Refuse, before any work, a size outside an engine's optimization profile (TensorRT sessions
@@ -871,7 +1036,7 @@ class Pipeline:
                 or value % m.spatial_multiple
             ):
                 raise InputError(
-                    f"{name}: expected a positive multiple of {m.spatial_multiple} pixels for this model, got {value!r}"
+                    f"{name}: expected a positive multiple of {m.spatial_multiple} pixels for this model, got {validation.describe(value)}"
                 )
         most = self.dims.max_latent_size
         for name, value in (("height", height), ("width", width)):
@@ -888,7 +1053,9 @@ class Pipeline:
         """The scheduler's run for the request (img2img strength, or denoising_start's begin index) and
         how many of its steps to take (all, or up to denoising_end)."""
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
-            raise InputError(f"num_inference_steps: expected an integer, got {num_inference_steps!r}")
+            raise InputError(
+                f"num_inference_steps: expected an integer, got {validation.describe(num_inference_steps)}"
+            )
         n_train = int(self.scheduler_config.get("num_train_timesteps", 1000))
         if request.denoising_start is not None:
             full = sched.start(num_inference_steps, eta=eta)
@@ -1103,6 +1270,8 @@ class Pipeline:
         denoiser = self.family.denoiser
         unet = (jobs[0].sessions or self.sessions)["unet_control" if controlled else denoiser]
         x_name = "hidden_states" if denoiser == "transformer" else "sample"  # the latents' input, as diffusers names it
+        takes_mask = "skip_layers" in [t.name for t in self.manifest.components[denoiser].inputs]
+        blocks = self.dims.transformer_layers if denoiser == "transformer" and takes_mask else 0
         times, active = StepTimes(), list(jobs)
         steps = jobs[0].steps
         with ExitStack() as stack:
@@ -1122,6 +1291,8 @@ class Pipeline:
                 if controlled:
                     feed = {**feed, **self._control_residuals(active, parts, i)}
                     times.mark("controlnet")
+                if blocks:
+                    feed = {**feed, "skip_layers": np.zeros(blocks, np.float32)}  # no block skipped
                 pred = unet.run({x_name: x, "timestep": t, **feed})["out_sample"]
                 times.mark("unet")
                 rows = np.cumsum([0] + [len(p) for p in parts])
@@ -1137,9 +1308,16 @@ class Pipeline:
                     elif job.request.guided:
                         uncond, text = np.split(p, 2)
                         job.pred = uncond + np.float32(job.request.guidance_scale) * (text - uncond)
+                        job.text_pred = text
                     else:
                         job.pred = p
                 times.mark("guidance")
+                skipping = [
+                    job for job in active if job.error is None and job.slg and job.slg.active(i, len(job.run.timesteps))
+                ]
+                if skipping:
+                    self._skip_layer_step(unet, skipping, parts, active, i, steps, x_name, blocks)
+                    times.mark("unet")
                 active = [job for job in active if job.error is None]
                 for job in active:
                     job.x = self._step(job, i)
@@ -1153,6 +1331,29 @@ class Pipeline:
             times.into(job.timings)
             if job.error is None:
                 job.out = job.x.astype(np.float32, copy=False)
+
+    def _skip_layer_step(self, unet, jobs, parts, active, i: int, steps: int, x_name: str, blocks: int) -> None:
+        """Skip-layer guidance at step ``i`` for ``jobs`` (one key: the same blocks): one transformer call on their
+        prompt rows with the blocks skipped; each job's prediction moves by its scale x (text - skipped)."""
+        rows = [parts[active.index(job)] for job in jobs]
+        x = np.concatenate([r[len(r) // 2 :] for r in rows])  # guided rows are [uncond; cond]: the prompt's half
+        feed = {}
+        for k in jobs[0].cond.feed:
+            halves = [job.cond.feed[k][len(job.cond.feed[k]) // 2 :] for job in jobs]
+            feed[k] = np.concatenate(halves) if len(halves) > 1 else halves[0]
+        t = np.full((x.shape[0],), jobs[0].run.timesteps[i], dtype=np.float32)
+        mask = jobs[0].slg.mask(blocks)
+        pred = unet.run({x_name: x, "timestep": t, "skip_layers": mask, **feed})["out_sample"]
+        bounds = np.cumsum([0] + [len(r) // 2 for r in rows])
+        for job, lo, hi in zip(jobs, bounds[:-1], bounds[1:]):
+            skipped = pred[lo:hi]
+            try:
+                self._check_finite(self.family.denoiser, {"out_sample": skipped},
+                                   f" (skip-layer guidance) at step {i + 1} of {steps}")  # fmt: skip
+            except NumericalError as e:
+                job.error = e
+                continue
+            job.pred = job.pred + np.float32(job.slg.scale) * (job.text_pred - skipped)
 
     def _control_residuals(self, jobs: list[_Job], parts: list[np.ndarray], i: int) -> dict[str, np.ndarray]:
         """Each job's ControlNet residuals at step ``i`` (its own images, scales and window), joined in the UNet's

@@ -54,6 +54,16 @@ class ClipTokenizer:
         encodings = self._tok.encode_batch(list(prompts))
         return np.asarray([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), self.max_length)
 
+    def dropped(self, prompts: list[str]) -> list[str]:
+        """Per prompt, the text truncation cuts off beyond ``max_length`` tokens ("" when it fits), as diffusers
+        logs it ("The following part of your input was truncated ...")."""
+        cut = []
+        for e in self._tok.encode_batch(list(prompts)):
+            ids = [i for o in e.overflowing for i, m in zip(o.ids, o.attention_mask) if m]
+            text = self._tok.decode(ids, skip_special_tokens=True) if ids else ""
+            cut.append(" ".join(text.replace("</w>", " ").split()))  # CLIP's BPE marks word ends with </w>
+        return cut
+
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -13,9 +13,11 @@ available right now is refused as well.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
+import reprlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,12 +38,35 @@ BYTES_PER_PIXEL = {"kl": 3 * 128 * 4, "tiny": 3 * 64 * 4}
 MEMORY_SHARE = 0.5
 
 
-def _describe(value) -> str:
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 2, 3, 3, 3, 3
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 40, 40, 40
+
+
+def describe(value) -> str:
+    """A refused value for an error message, bounded whatever its size: arrays by dtype and shape, long strings by
+    length and start, containers by type, length and first items, huge integers by digit count (a request's value
+    may be a million-element list or a 5,000-digit integer; its message stays a line)."""
     if isinstance(value, np.ndarray):
         return f"a {value.dtype} array of shape {value.shape}"
     if isinstance(value, (str, bytes)) and len(value) > 60:
-        return f"a {type(value).__name__} of length {len(value)}"
-    return repr(value)
+        return f"a {type(value).__name__} of length {len(value):,} starting {value[:20]!r}"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)).bit_length() > 100:
+        return f"an integer of about {int(abs(int(value)).bit_length() * math.log10(2)) + 1:,} digits"
+    if isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > 3:
+        # the first items in their own order (reprlib would sort a dict's or set's keys: all of them)
+        first = itertools.islice(value.items() if isinstance(value, dict) else value, 3)
+        shown = (
+            [f"{_SHORT.repr(k)}: {_SHORT.repr(v)}" for k, v in first]
+            if isinstance(value, dict)
+            else [_SHORT.repr(v) for v in first]
+        )
+        opening, closing = {dict: "{}", list: "[]", tuple: "()"}.get(type(value), "{}")
+        return f"a {type(value).__name__} of {len(value):,} items, {opening}{', '.join(shown)}, ...{closing}"
+    return _SHORT.repr(value)
+
+
+_describe = describe
 
 
 def integer(name: str, value, *, low: int | None = None, high: int | None = None, hint: str = "") -> int:
@@ -98,17 +123,42 @@ def finite_array(name: str, value, *, dtype=np.float32, shape: tuple[int, ...] |
     return value
 
 
+MAX_SIDE = 2**20  # pixels: no image side is larger, whatever the memory (a 5,000-digit height is refused here)
+# Classifier-free guidance scales used in practice run from 1 to ~15; far beyond, the guided prediction overflows
+# (1e308 gives NaN latents): such a value is a mistake in the request, refused as one, not a NumericalError.
+MAX_GUIDANCE = 100.0
+# Characters per prompt. CLIP reads 77 tokens and T5 at most 512 (a few thousand characters); longer text is
+# truncated (and the result says so), but a megabyte of it would only cost tokenizer time.
+PROMPT_CHARS = 20_000
+
+
 def prompts(name: str, value, *, count: int | None = None) -> list[str]:
-    """A string or a non-empty list/tuple of strings (``count`` of them, or one to repeat)."""
+    """A string or a non-empty list/tuple of strings (``count`` of them, or one to repeat), each valid Unicode
+    (encodable as UTF-8: no lone surrogates, which JSON's \\ud800 escapes can carry) of at most PROMPT_CHARS."""
     items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     if items is None or not items or not all(isinstance(p, str) for p in items):
         want = "a string or a non-empty list of strings" if count is None else f"a string or {count} strings"
         raise InputError(f"{name}: expected {want}, got {_describe(value)}")
+    for i, text in enumerate(items):
+        where = f"{name}[{i}]" if len(items) > 1 else name
+        if len(text) > PROMPT_CHARS:
+            raise InputError(
+                f"{where}: expected at most {PROMPT_CHARS:,} characters (the text encoders read the first 77 or 512 "
+                f"tokens), got {len(text):,}"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(
+                f"{where}: expected valid Unicode text, got a lone surrogate {text[e.start]!r} at character {e.start} "
+                "(a JSON \\ud800-\\udfff escape must be half of a pair)"
+            ) from None
     if count is not None:
         if len(items) == 1:
             items = items * count
         if len(items) != count:
-            raise InputError(f"{name}: expected 1 or {count} strings (one per prompt), got {len(items)}")
+            want = "1 string (one prompt was given)" if count == 1 else f"1 or {count} strings (one per prompt)"
+            raise InputError(f"{name}: expected {want}, got {len(items)}")
     return items
 
 
@@ -175,6 +225,9 @@ class Limits:
                 f"images per call: expected at most {self.max_images}, got {images} "
                 "(split the request, or raise Limits.max_images)"
             )
+        for name, side in (("height", height), ("width", width)):
+            if isinstance(side, numbers.Integral) and side > MAX_SIDE:  # before any product of it is formatted
+                raise BudgetError(f"{name}: expected at most {MAX_SIDE:,} pixels, got {describe(side)}")
         pixels, allowed = images * height * width, self.pixels_for(vae_kind)
         if pixels > allowed:
             raise BudgetError(

@@ -7,15 +7,21 @@ Every error answers ``{"error": {"type": ..., "message": ...}}``; a runtime erro
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
+import math
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdrt.runtime.errors import InputError, SdrtError
+from sdrt.runtime.errors import InputError, InternalError, SdrtError
 from sdrt.serve import schema
 
 log = logging.getLogger(__name__)
@@ -64,9 +70,44 @@ def install_error_handlers(app: FastAPI, count: Count | None = None) -> None:
         if isinstance(e, InputError):  # BudgetError included: the caller asked for too much
             counted("bad_request")
             return error_response(400, type(e).__name__, str(e))
-        counted("error")  # NumericalError, or a backend's failure sdrt names
-        log.error("request failed: %s: %s", type(e).__name__, e)
-        return error_response(500, type(e).__name__, str(e))
+        counted("error")  # NumericalError, a backend's failure sdrt names, or an InternalError (logged with its id)
+        if not isinstance(e, InternalError):
+            log.error("request failed: %s: %s", type(e).__name__, e)
+        return error_response(500, "internal_error" if isinstance(e, InternalError) else type(e).__name__, str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """The framework's own refusals (no such route, another method, a body it cannot parse) in sdrt's shape."""
+        counted("bad_request")
+        kind, message = FRAMEWORK_ERRORS.get(e.status_code, ("invalid_request", str(e.detail)))
+        if e.status_code == 404:
+            message = f"{request.url.path}: expected one of {', '.join(ROUTES)}, got no such path"
+        elif e.status_code == 405:
+            message = f"{request.method} {request.url.path}: expected {e.headers.get('Allow', 'another method')}"
+        headers = {k: v for k, v in (e.headers or {}).items() if k.lower() in ("allow", "retry-after")}
+        response = error_response(e.status_code, kind, message)
+        response.headers.update(headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
+        """Anything else: logged with an id, answered 500 without the library's text."""
+        counted("error")
+        request_id = uuid.uuid4().hex[:12]
+        log.error("request %s: %s %s failed unexpectedly", request_id, request.method, request.url.path, exc_info=e)
+        return error_response(500, "internal_error", str(InternalError(request_id, "the request")))
+
+
+ROUTES = ("POST /v1/images/generations", "GET /healthz", "GET /readyz", "GET /metrics")
+FRAMEWORK_ERRORS = {
+    400: (
+        "invalid_request",
+        "body: expected a JSON object in UTF-8, got a body the JSON reader refuses (invalid UTF-8, "
+        "nesting deeper than it reads, or an integer of more than 4,300 digits)",
+    ),
+    404: ("not_found", ""),
+    405: ("method_not_allowed", ""),
+}
 
 
 def describe_validation(errors) -> str:
@@ -95,8 +136,8 @@ async def respond(result, call: schema.Call, queue_wait: float) -> Response:
     """The response to a finished call: its error raised for the handlers, else JSON or PNG."""
     if isinstance(result, SdrtError):
         raise result
-    if isinstance(result, Exception):  # not the call's fault, nor one sdrt names: a backend's own failure
-        raise ServiceError(500, "internal_error", f"generation failed: {type(result).__name__}: {result}", "error")
+    if isinstance(result, Exception):  # not the call's fault, nor one sdrt names (the batcher logged it)
+        raise InternalError(getattr(result, "request_id", None) or "unknown")
     if call.response_format == "png":
         png = await asyncio.to_thread(schema.encode_png, result.images[0])
         return Response(png, media_type="image/png", headers=schema.png_headers(result, queue_wait))
@@ -164,3 +205,118 @@ class BodyLimit:
         limit = f"{self.max_bytes:,} bytes ({self.max_bytes / 2**20:g} MB)"
         message = f"request body: expected at most {limit}, got {got} (send smaller images, or raise --max-body-mb)"
         await error_response(413, "payload_too_large", message)(scope, receive, send)
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+OPEN_PATHS = ("/healthz", "/readyz")  # liveness and readiness probes answer without a key
+
+
+class ApiKey:
+    """ASGI middleware: every request but the probes (OPEN_PATHS) must carry ``Authorization: Bearer <key>``;
+    others get 401. The comparison takes the same time whatever the key sent (hmac.compare_digest)."""
+
+    def __init__(self, app, key: str, count: Count | None = None):
+        self.app, self.key, self.count = app, key.encode(), count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        scheme, _, token = _header(scope, b"authorization").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+            return await self.app(scope, receive, send)
+        if self.count is not None:
+            self.count("bad_request")
+        got = "no Authorization header" if not scheme else "another key" if scheme.lower() == "bearer" else scheme
+        response = error_response(401, "unauthorized", f"Authorization: expected 'Bearer <the service's API key>', "
+                                  f"got {got}")  # fmt: skip
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def default_allowed_hosts(bind: str) -> tuple[str, ...]:
+    """Bound to loopback: only the names of loopback, so a web page cannot reach the service by DNS rebinding
+    (its requests carry the attacker's host name). Bound elsewhere: any ("*"), unless --allowed-hosts says."""
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_NAMES if loopback else ("*",)
+
+
+class AllowedHosts:
+    """ASGI middleware: the Host header's name (port aside) must be one of ``hosts`` ("*" allows any, "*.example.com"
+    a domain's subdomains); others get 400 in sdrt's error format."""
+
+    def __init__(self, app, hosts: tuple[str, ...], count: Count | None = None):
+        self.app, self.hosts, self.count = app, tuple(h.lower() for h in hosts), count
+
+    def allowed(self, host: str) -> bool:
+        name = host.lower()
+        if name.startswith("["):  # [::1]:8000
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        for pattern in self.hosts:
+            if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+                return True
+        return False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or "*" in self.hosts:
+            return await self.app(scope, receive, send)
+        host = _header(scope, b"host")
+        if self.allowed(host):
+            return await self.app(scope, receive, send)
+        if self.count is not None:
+            self.count("bad_request")
+        shown = host[:100] if host else "none"
+        message = f"Host: expected one of {', '.join(self.hosts)} (--allowed-hosts), got {shown!r}"
+        await error_response(400, "invalid_host", message)(scope, receive, send)
+
+
+class RateLimit:
+    """ASGI middleware: a token bucket per client (its API key when it sends one, else its address): ``rate``
+    generation requests per second on average, bursts of ``burst``; beyond, 429 with Retry-After. The probes and
+    /metrics are not counted. Buckets of clients idle for a minute are forgotten (memory stays bounded)."""
+
+    def __init__(self, app, rate: float, burst: int, count: Count | None = None, clock=time.monotonic):
+        if not (math.isfinite(rate) and rate > 0) or burst < 1:
+            raise InputError(f"--rate-limit: expected a rate > 0 per second and a burst >= 1, got {rate}:{burst}")
+        self.app, self.rate, self.burst, self.count, self.clock = app, rate, burst, count, clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last update)
+
+    def take(self, client: str) -> float:
+        """0 when the client may go now (a token taken), else the seconds until it may."""
+        now = self.clock()
+        if len(self.buckets) > 10_000:
+            self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < 60}
+        tokens, last = self.buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self.buckets[client] = (tokens - 1, now)
+            return 0.0
+        self.buckets[client] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in (*OPEN_PATHS, "/metrics"):
+            return await self.app(scope, receive, send)
+        key = _header(scope, b"authorization")
+        client = f"key:{hash(key)}" if key else f"addr:{(scope.get('client') or ('?',))[0]}"
+        wait = self.take(client)
+        if wait == 0:
+            return await self.app(scope, receive, send)
+        if self.count is not None:
+            self.count("overloaded")
+        message = (f"client: expected at most {self.rate:g} requests per second (bursts of {self.burst}; "
+                   f"--rate-limit), got more (retry after {math.ceil(wait)} s)")  # fmt: skip
+        await error_response(429, "rate_limited", message, math.ceil(wait))(scope, receive, send)

@@ -42,6 +42,12 @@ class ServeConfig:
     timeout_s: float = 300  # per request, from arrival to response; then 504
     max_body_mb: float = 20  # request body limit; more gets 413
     warmup: bool = True  # one 1-step generation at the model's default size before /readyz says ready
+    api_key: str | None = None  # Bearer token every route but /healthz and /readyz requires (None: no key)
+    # Host header names served; ("*",) any. `sdrt serve` defaults to loopback's names when bound to loopback.
+    allowed_hosts: tuple[str, ...] = ("*",)
+    rate_limit: float = 0.0  # generation requests per second per client (0: no limit)
+    rate_burst: int = 0  # requests a client may send at once (0: the rate rounded up, at least 1)
+    docs: bool = True  # /docs, /redoc and /openapi.json
 
     def __post_init__(self):
         for name, low in (("max_batch", 1), ("queue_size", 1)):
@@ -54,6 +60,17 @@ class ServeConfig:
                 isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or not low_open and value == 0)
             ):
                 raise InputError(f"{name}: expected a finite number {'>' if low_open else '>='} 0, got {value!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 16):
+            got = f"{len(self.api_key)} characters" if isinstance(self.api_key, str) else type(self.api_key).__name__
+            raise InputError(
+                f"api_key: expected a string of at least 16 characters (a guessable key is none), got {got}"
+            )
+        if not (isinstance(self.rate_limit, (int, float)) and math.isfinite(self.rate_limit) and self.rate_limit >= 0):
+            raise InputError(f"rate_limit: expected requests per second >= 0 (0: no limit), got {self.rate_limit!r}")
+        if isinstance(self.rate_burst, bool) or not isinstance(self.rate_burst, int) or self.rate_burst < 0:
+            raise InputError(f"rate_burst: expected an integer >= 0, got {self.rate_burst!r}")
+        if not self.allowed_hosts or not all(isinstance(h, str) and h for h in self.allowed_hosts):
+            raise InputError(f"allowed_hosts: expected host names ('*' for any), got {self.allowed_hosts!r}")
 
 
 class Metrics:
@@ -224,10 +241,19 @@ def create_app(pipe, config: ServeConfig = ServeConfig()) -> FastAPI:
                 task.cancel()
             service.batcher.close()
 
-    app = FastAPI(title="sdrt", summary="Stable Diffusion on exported graphs", lifespan=lifespan)
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="sdrt", summary="Stable Diffusion on exported graphs", lifespan=lifespan, **docs)
     app.state.service = service
-    api.install_error_handlers(app, service.metrics.count)
-    app.add_middleware(api.BodyLimit, max_bytes=int(config.max_body_mb * 2**20), count=service.metrics.count)
+    count = service.metrics.count
+    api.install_error_handlers(app, count)
+    # The last added runs first: the Host check, then the key, then the client's rate, then the body's size.
+    app.add_middleware(api.BodyLimit, max_bytes=int(config.max_body_mb * 2**20), count=count)
+    if config.rate_limit:
+        burst = config.rate_burst or max(1, math.ceil(config.rate_limit))
+        app.add_middleware(api.RateLimit, rate=config.rate_limit, burst=burst, count=count)
+    if config.api_key is not None:
+        app.add_middleware(api.ApiKey, key=config.api_key, count=count)
+    app.add_middleware(api.AllowedHosts, hosts=config.allowed_hosts, count=count)
 
     @app.post("/v1/images/generations", responses={200: {"content": {"image/png": {}}}})
     async def generations(body: schema.GenerationBody, request: Request) -> Response:

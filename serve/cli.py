@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from sdrt.runtime.backends import BACKEND_NAMES, COMPUTE_PRECISIONS
@@ -91,7 +92,45 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         help="a ControlNet directory to serve (repeatable; the model exported with --controlnet-unet); requests "
         'then may send "control_image" (base64), one per ControlNet, in this order',
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /healthz and /readyz (16 characters or more; "
+        "default: the SDRT_API_KEY environment variable, which keeps the key out of the process list; none: open)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="Host header names served (others get 400), e.g. sd.example.com or '*.example.com'; '*' allows any. "
+        "Default: localhost, 127.0.0.1 and ::1 when --host is a loopback address (no DNS rebinding from a web page), "
+        "any otherwise",
+    )
+    p.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="RATE[:BURST]",
+        help="per client (its API key, else its address): at most RATE generation requests per second on average, "
+        "BURST at once (default: RATE rounded up); more get 429 with Retry-After. Default: no limit",
+    )
+    p.add_argument("--no-docs", action="store_true", help="do not serve /docs, /redoc and /openapi.json")
     p.set_defaults(func=run_serve)
+
+
+def parse_rate_limit(text: str | None) -> tuple[float, int]:
+    """``"RATE[:BURST]"`` -> (rate, burst); None -> (0, 0): no limit."""
+    if text is None:
+        return 0.0, 0
+    rate, _, burst = text.partition(":")
+    try:
+        value, count = float(rate), int(burst) if burst else 0
+    except ValueError:
+        value, count = float("nan"), 0
+    if not (value > 0 and value < float("inf")) or count < 0:
+        raise SdrtError(f"--rate-limit: expected RATE[:BURST] such as 2 or 0.5:4 (requests per second), got {text!r}")
+    return value, count
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -99,12 +138,12 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from sdrt.serve.api import register_loras
-        from sdrt.serve.app import DrainingServer, ServeConfig, create_app
+        from sdrt.serve.app import DrainingServer, create_app
     except ModuleNotFoundError as e:
         raise SdrtError(f"expected {e.name} to be installed, it is not (pip install 'sdrt[serve]')") from None
     from sdrt.runtime import Pipeline
 
-    config = ServeConfig(args.max_batch, args.batch_wait_ms, args.queue_size, args.timeout_s, args.max_body_mb)
+    config = config_from_args(args)
     with Pipeline.load(
         args.artifacts,
         backend=args.backend,
@@ -119,3 +158,20 @@ def run_serve(args: argparse.Namespace) -> int:
         server = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
         DrainingServer(server, drain_s=args.drain_s).run()
     return 0
+
+
+def config_from_args(args: argparse.Namespace):
+    """The service's configuration from the command line (and SDRT_API_KEY)."""
+    from sdrt.serve.api import default_allowed_hosts
+    from sdrt.serve.app import ServeConfig
+
+    rate, burst = parse_rate_limit(args.rate_limit)
+    key = args.api_key if args.api_key is not None else os.environ.get("SDRT_API_KEY") or None
+    hosts = tuple(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
+    if key is None and hosts == ("*",):
+        log.warning("serving %s with no API key and any Host: anyone who reaches the port may generate "
+                    "(--api-key, --allowed-hosts)", args.host)  # fmt: skip
+    return ServeConfig(
+        args.max_batch, args.batch_wait_ms, args.queue_size, args.timeout_s, args.max_body_mb,
+        api_key=key, allowed_hosts=hosts, rate_limit=rate, rate_burst=burst, docs=not args.no_docs,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ class GenerationBody(BaseModel):
     negative_prompt_2: Any = Field(None, description="SDXL, SD 3: the second text encoder's negative prompt")
     negative_prompt_3: Any = Field(None, description="SD 3: T5's negative prompt")
     max_sequence_length: Any = Field(None, description="SD 3: T5's tokens per prompt, 1..512 (default 256)")
+    skip_guidance_layers: Any = Field(
+        None, description="SD 3 text-to-image: transformer blocks skipped for skip-layer guidance, e.g. [7, 8, 9]"
+    )
+    skip_layer_guidance_scale: Any = Field(None, description="SD 3: skip-layer guidance scale (default 2.8)")
+    skip_layer_guidance_start: Any = Field(None, description="SD 3: fraction of the steps where it starts (0.01)")
+    skip_layer_guidance_stop: Any = Field(None, description="SD 3: fraction of the steps where it stops (0.2)")
     height: Any = Field(None, description="pixels, a multiple of the model's spatial multiple (default: the model's)")
     width: Any = Field(None, description="pixels (default: the model's)")
     size: Any = Field(None, description="'WIDTHxHEIGHT', e.g. '512x512': instead of width and height")
@@ -138,14 +145,15 @@ def _loras(value) -> list[dict]:
 
 
 def json_preview(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    from sdrt.runtime.validation import describe  # bounded, whatever the value's size
+
+    return describe(value)
 
 
 def _size(value) -> tuple[int, int]:
     match = re.fullmatch(r"(\d{1,6})x(\d{1,6})", value) if isinstance(value, str) else None
     if match is None:
-        raise SchemaError(f"size: expected 'WIDTHxHEIGHT' such as '512x512', got {value!r}")
+        raise SchemaError(f"size: expected 'WIDTHxHEIGHT' such as '512x512', got {json_preview(value)}")
     return int(match[1]), int(match[2])
 
 
@@ -170,6 +178,12 @@ def decode_image(name: str, value):
         raise InputError(f"{name}: expected a base64-encoded PNG or JPEG, got invalid base64 ({e})") from None
     try:
         image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))
+    except Image.DecompressionBombError as e:  # a header declaring more pixels than PIL will open
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        got = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than PIL opens"
+        raise InputError(
+            f"{name}: expected at most {MAX_IMAGE_PIXELS:,} pixels, got {got} (send a smaller image)"
+        ) from None
     except Exception:  # PIL's message names the BytesIO object: say what the bytes are instead
         raise InputError(
             f"{name}: expected a base64-encoded PNG or JPEG, got {len(data):,} bytes starting {data[:8]!r} "
@@ -209,6 +223,7 @@ def json_body(result, queue_wait: float) -> dict:
         "seed": result.seed,
         "data": [{"b64_json": base64.b64encode(encode_png(image)).decode()} for image in result.images],
         "timings": timings(result, queue_wait),
+        "warnings": list(result.warnings),  # e.g. a prompt truncated to the text encoder's tokens
     }
 
 
@@ -217,4 +232,7 @@ def png_headers(result, queue_wait: float) -> dict[str, str]:
     stages = timings(result, queue_wait)
     stages.pop("batch_size", None)
     server_timing = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in stages.items())
-    return {"X-Seed": str(result.seed), "Server-Timing": server_timing}
+    headers = {"X-Seed": str(result.seed), "Server-Timing": server_timing}
+    if result.warnings:  # JSON with ASCII escapes: header values are Latin-1
+        headers["X-Sdrt-Warnings"] = json.dumps(result.warnings)
+    return headers

@@ -40,6 +40,7 @@ class CallCase:
     lora_limits: dict = field(default_factory=dict)  # LoraLimits fields other than the defaults, for this call
     available_bytes: int | None = None  # the memory the machine has available now, as this call sees it
     controlnets: int = 0  # the ControlNets the pipeline is loaded with (the tiny model's, that many times)
+    model: str = "tiny"  # the preset whose artifacts take the call: "tiny" (SD 1.x) or "tiny-sd3"
 
 
 def _latents(fill: float = 0.0, shape=LATENT, dtype=np.float32) -> np.ndarray:
@@ -69,7 +70,7 @@ CALL_CASES = [
     CallCase("prompt=b'bytes'", dict(prompt=b"a cat"), InputError, "prompt: expected a string"),
     CallCase("negative_prompt=3", dict(negative_prompt=3), InputError, "negative_prompt: expected a string or 1"),
     CallCase("2 negatives for 1 prompt", dict(negative_prompt=["a", "b"]), InputError,
-             "negative_prompt: expected 1 or 1 strings"),
+             "negative_prompt: expected 1 string (one prompt was given), got 2"),
     # -- height, width --------------------------------------------------------------------------
     CallCase("height=-64", dict(height=-64), InputError, "height: expected an integer >= 16"),
     CallCase("height=72 (not a multiple)", dict(height=72), InputError, "height: expected a positive multiple of 16"),
@@ -223,6 +224,113 @@ CALL_CASES = [
              controlnets=1),
     CallCase("control_image[1] with NaN (2 ControlNets)", dict(control_image=[_image(), _nan_image()]), InputError,
              "control_image[1]: expected finite values", controlnets=2),
+    # -- SD 3's arguments on SD 1.x, and the reverse; SD 3's own bounds (the tiny SD 3 model: 64 x 64 patches) --
+    CallCase("prompt_3 on SD 1.x", dict(prompt_3="a cat"), InputError,
+             "prompt_3: applies to models with 3 text encoders or more"),
+    CallCase("negative_prompt_2 on SD 1.x", dict(negative_prompt_2="dark"), InputError,
+             "negative_prompt_2: applies to models with 2 text encoders or more"),
+    CallCase("max_sequence_length on SD 1.x", dict(max_sequence_length=128), InputError,
+             "max_sequence_length: applies to models with a T5 text encoder (SD 3), not sd1"),
+    CallCase("skip_guidance_layers on SD 1.x", dict(skip_guidance_layers=[7, 8, 9]), InputError,
+             "skip_guidance_layers: applies to SD 3 models (a transformer's blocks), not sd1"),
+    CallCase("SD 3: skip_guidance_layers=[5] (2 blocks)", dict(skip_guidance_layers=[5]), InputError,
+             "skip_guidance_layers: expected a non-empty list of distinct block indices in [0, 1]", model="tiny-sd3"),
+    CallCase("SD 3: max_sequence_length=513 (T5's limit is 512)", dict(max_sequence_length=513), InputError,
+             "max_sequence_length: expected an integer in [1, 512], got 513", model="tiny-sd3"),
+    CallCase("SD 3: max_sequence_length=0", dict(max_sequence_length=0), InputError,
+             "max_sequence_length: expected an integer in [1, 512], got 0", model="tiny-sd3"),
+    CallCase("SD 3: height=1040 (beyond the position-embedding grid)", dict(height=1040, width=64), InputError,
+             "height: expected at most 1024 pixels (the transformer's position embeddings cover 64 patches",
+             model="tiny-sd3"),
+    CallCase("SD 3: img2img at 2048x2048 (beyond the grid)",
+             dict(image=_image(size=64), height=2048, width=2048), InputError,
+             "height: expected at most 1024 pixels", model="tiny-sd3"),
+    CallCase("SD 3: prompt_3 with 2 strings for 1 prompt", dict(prompt_3=["a", "b"]), InputError,
+             "prompt_3: expected 1 string (one prompt was given), got 2", model="tiny-sd3"),
+    CallCase("SD 3: original_size (SDXL's)", dict(original_size=(1024, 1024)), InputError,
+             "original_size: applies to SDXL models", model="tiny-sd3"),
+    CallCase("SD 3: aesthetic_score (the SDXL refiner's)", dict(aesthetic_score=6.0), InputError,
+             "aesthetic_score: applies to the SDXL refiner models", model="tiny-sd3"),
+    # -- what issue 22 found over HTTP, refused by the runtime itself ------------------------------
+    CallCase("prompt with a lone surrogate ('\\ud800')", dict(prompt="a \ud800 cat"), InputError,
+             "prompt: expected valid Unicode text, got a lone surrogate '\\ud800' at character 2",
+             "500 for it and for the two valid requests batched with it"),
+    CallCase("prompt of 100,000 characters", dict(prompt="x" * 100_000), InputError,
+             "prompt: expected at most 20,000 characters", "accepted silently, truncated to 77 tokens"),
+    CallCase("guidance_scale=1e308", dict(guidance_scale=1e308), InputError,
+             "guidance_scale: expected a finite number in [0, 100]", "500 NumericalError after the run"),
+    CallCase("height = a list of 1,000,000 integers", dict(height=list(range(1_000_000))), InputError,
+             "got a list of 1,000,000 items, [0, 1, 2, ...]", "a 7.9 MB error message echoing the list"),
+    CallCase("width = a dict of 200,000 keys", dict(width={str(i): i for i in range(200_000)}), InputError,
+             "got a dict of 200,000 items", "a 3.4 MB error message"),
+    CallCase("SD 3: a LoRA (UNet models only so far)", dict(loras=[("{tmp}/missing.safetensors", 1.0)]), LoraError,
+             "loras: LoRA adapters are for UNet models so far, not sd3", model="tiny-sd3"),
+]
+# fmt: on
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    """A request to `sdrt serve` (the tiny model; an API key and loopback's host names set) and its answer."""
+
+    id: str
+    body: bytes | None  # None: no body
+    status: int
+    type: str  # the error's "type"
+    says: str
+    method: str = "POST"
+    path: str = "/v1/images/generations"
+    headers: dict = field(default_factory=dict)  # beside the right key, Host localhost and JSON's Content-Type
+    before: str = ""
+
+
+def _big_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (its data would not decode; nothing reads that far)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+HTTP_KEY = "k" * 24
+# fmt: off
+HTTP_CASES = [
+    HttpCase("GET /nope (no such route)", None, 404, "not_found", "/nope: expected one of POST /v1/images/generations",
+             method="GET", path="/nope", before="FastAPI's {'detail': 'Not Found'}"),
+    HttpCase("GET on the generation route", None, 405, "method_not_allowed", "GET /v1/images/generations: expected POST",
+             method="GET", before="FastAPI's {'detail': 'Method Not Allowed'}"),
+    HttpCase("body not UTF-8", b'{"prompt": "\xff\xfe"}', 400, "invalid_request",
+             "body: expected a JSON object in UTF-8", before="FastAPI's {'detail': ...}"),
+    HttpCase("seed of 5,000 digits", b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", 400, "invalid_request",
+             "body: expected a JSON object in UTF-8", before="FastAPI's {'detail': ...}"),
+    HttpCase("100,000-deep nesting", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "invalid_request",
+             "body: expected a JSON object in UTF-8", before="FastAPI's {'detail': ...}"),
+    HttpCase("prompt '\\ud800' (a lone surrogate in JSON)", b'{"prompt": "\\ud800", "num_inference_steps": 2}', 400,
+             "InputError", "prompt: expected valid Unicode text",
+             before="500 internal_error, and the same for the valid requests batched with it"),
+    HttpCase("image: a PNG header of 20000x20000", b'{"prompt": "a", "image": "' + _b64(_big_png_header(20000, 20000)).encode() + b'"}',
+             400, "InputError", "image: expected at most 16,777,216 pixels, got 400,000,000 pixels",
+             before="'encode the image file itself, not its pixels'"),
+    HttpCase("guidance_scale: 1e308", b'{"prompt": "a", "guidance_scale": 1e308}', 400, "InputError",
+             "guidance_scale: expected a finite number in [0, 100]", before="500 NumericalError"),
+    HttpCase("no API key (the service has --api-key)", b'{"prompt": "a"}', 401, "unauthorized",
+             "Authorization: expected 'Bearer <the service's API key>', got no Authorization header",
+             headers={"Authorization": ""}, before="no authentication option: 200"),
+    HttpCase("Host: evil.example (DNS rebinding)", b'{"prompt": "a"}', 400, "invalid_host",
+             "Host: expected one of localhost, 127.0.0.1, ::1 (--allowed-hosts), got 'evil.example'",
+             headers={"Host": "evil.example"}, before="200"),
 ]
 # fmt: on
 

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_input_cases import ARTIFACT_CASES, CALL_CASES, CONTROLNET_ARTIFACT_CASES, call_kwargs, make_scratch
+from bad_input_cases import (
+    ARTIFACT_CASES,
+    CALL_CASES,
+    CONTROLNET_ARTIFACT_CASES,
+    HTTP_CASES,
+    HTTP_KEY,
+    call_kwargs,
+    make_scratch,
+)
 
 from sdrt.runtime import Pipeline, validation
 from sdrt.runtime.errors import SdrtError
@@ -42,9 +50,9 @@ class CountingSession:
 
 
 @pytest.fixture(scope="module")
-def counted(tiny_artifacts, controlnet_artifacts):
-    """The tiny model without ControlNets (0) and with its ControlNet loaded once (1) and twice (2), every session
-    (ControlNets' too) counting its runs in one counter."""
+def counted(tiny_artifacts, controlnet_artifacts, family_artifacts):
+    """The tiny model without ControlNets (0) and with its ControlNet loaded once (1) and twice (2), and the tiny
+    SD 3 model ("tiny-sd3"), every session (ControlNets' too) counting its runs in one counter."""
     from contextlib import ExitStack
 
     runs = [0]
@@ -53,6 +61,7 @@ def counted(tiny_artifacts, controlnet_artifacts):
         pipes = {0: stack.enter_context(Pipeline.load(tiny_artifacts))}
         for n in (1, 2):
             pipes[n] = stack.enter_context(Pipeline.load(artifacts, controlnets=[controlnet] * n))
+        pipes["tiny-sd3"] = stack.enter_context(Pipeline.load(family_artifacts("tiny-sd3"), backend="onnxruntime"))
         for pipe in pipes.values():
             pipe.sessions = {k: CountingSession(v, runs) for k, v in pipe.sessions.items()}
             pipe.controlnets = [CountingSession(s, runs) for s in pipe.controlnets]
@@ -71,14 +80,14 @@ def scratch(tmp_path_factory) -> Path:
 def write_table():
     yield
     out = os.environ.get("SDRT_WRITE_TABLE")
-    if out and RESULTS:
+    if out and RESULTS and HTTP_RESULTS:
         Path(out).write_text(_table())
 
 
 @pytest.mark.parametrize("case", CALL_CASES, ids=[c.id for c in CALL_CASES])
 def test_bad_call_is_refused_before_any_work(case, counted, scratch, monkeypatch):
     pipes, runs = counted
-    pipe = pipes[case.controlnets]
+    pipe = pipes[case.model if case.model != "tiny" else case.controlnets]
     kwargs = call_kwargs(case, scratch)
     before = runs[0]
     if case.lora_limits:
@@ -111,6 +120,34 @@ def test_pipeline_still_serves_after_every_refusal(counted, runtime_pipeline):
     got = pipe("a photo", num_inference_steps=2, seed=3).images
     want = runtime_pipeline("a photo", num_inference_steps=2, seed=3).images
     np.testing.assert_array_equal(got, want)
+
+
+# -- over HTTP --------------------------------------------------------------------------------------
+HTTP_RESULTS: dict[str, tuple[str, int, str, str]] = {}  # id -> (label, status, type, message)
+
+
+@pytest.fixture(scope="module")
+def service(runtime_pipeline):
+    from test_serve import serving
+
+    from sdrt.serve.api import LOOPBACK_NAMES
+
+    with serving(runtime_pipeline, ready=False, api_key=HTTP_KEY, allowed_hosts=LOOPBACK_NAMES) as (client, _, _):
+        yield client
+
+
+@pytest.mark.parametrize("case", HTTP_CASES, ids=[c.id for c in HTTP_CASES])
+def test_bad_request_over_http_gets_sdrts_error(case, service):
+    headers = {"Authorization": f"Bearer {HTTP_KEY}", "Host": "localhost", "Content-Type": "application/json"}
+    headers.update(case.headers)
+    response = service.request(case.method, case.path, content=case.body, headers=headers)
+    body = response.json()
+    assert response.status_code == case.status, response.text[:300]
+    assert set(body) == {"error"} and body["error"]["type"] == case.type, body
+    assert case.says in body["error"]["message"], body
+    assert len(response.content) < 1000  # a summary, never the refused value echoed
+    label = f"{case.id} (before: {case.before})" if case.before else case.id
+    HTTP_RESULTS[case.id] = (label, response.status_code, case.type, body["error"]["message"])
 
 
 # -- damaged artifacts ------------------------------------------------------------------------------
@@ -251,7 +288,7 @@ def test_the_table_in_docs_lists_every_case():
     table = (Path(__file__).parents[1] / "docs" / "bad-inputs.md").read_text()
     rows = {line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")}
     ids = {row.removeprefix("artifacts: ").split(" (before: ")[0] for row in rows}
-    missing = [c.id for c in (*CALL_CASES, *ARTIFACT_CASES) if c.id not in ids]
+    missing = [c.id for c in (*CALL_CASES, *ARTIFACT_CASES, *HTTP_CASES) if c.id not in ids]
     assert not missing, f"docs/bad-inputs.md lacks {missing}: regenerate it (see its first lines)"
 
 
@@ -277,6 +314,21 @@ def _table() -> str:
             label, error, message = RESULTS[case_id]
             cell = message.replace("|", "\\|")
             lines.append(f"| {label} | `{error}` | {cell} |")
+    lines += [
+        "",
+        "## Over HTTP (`sdrt serve`)",
+        "",
+        "The tiny model's service with an API key and loopback's host names; every answer is",
+        '`{"error": {"type", "message"}}` (the runtime\'s refusals above answer 400 with their message).',
+        "",
+        "| Request | Status | Type | Message |",
+        "|---|---|---|---|",
+    ]
+    for case in HTTP_CASES:
+        if case.id in HTTP_RESULTS:
+            label, status, kind, message = HTTP_RESULTS[case.id]
+            label, message = label.replace("|", "\\|"), message.replace("|", "\\|")
+            lines.append(f"| {label} | {status} | `{kind}` | {message} |")
     return "\n".join(lines) + "\n"
 
 

@@ -105,7 +105,7 @@ def test_sd3_arguments_and_sizes_are_checked(sd3, tiny_artifacts):
         pipe(PROMPT, max_sequence_length=600, **SIZE)
     with pytest.raises(InputError, match="height: expected at most 1024 pixels"):
         pipe(PROMPT, height=1040, width=64, num_inference_steps=1)
-    with pytest.raises(InputError, match=r"prompt_2: expected 1 or 1 strings \(one per prompt\), got 2"):
+    with pytest.raises(InputError, match=r"prompt_2: expected 1 string \(one prompt was given\), got 2"):
         pipe(PROMPT, prompt_2=["a", "b"], **SIZE)
     with pytest.raises(LoraError, match="LoRA adapters are for UNet models so far, not sd3"):
         pipe(PROMPT, loras=[("x.safetensors", 1.0)], **SIZE)
@@ -193,3 +193,50 @@ def test_sdrt_serve_takes_sd3_arguments(sd3, runtime_pipeline):
     with serving(runtime_pipeline) as (client, _, _):
         response = post(client, {"prompt": "x", "prompt_3": "y"})
     assert response.status_code == 400 and response.json()["error"]["message"].startswith("prompt_3: applies to")
+
+
+def test_run_batch_groups_sd3_calls_by_text_length_and_each_equals_its_call_alone(sd3):
+    """Calls with T5's default length share transformer steps; another max_sequence_length (other text rows) runs
+    in its own group instead of failing the batch; a bad one comes back in its slot."""
+    _, pipe, _ = sd3
+    size = dict(height=64, width=64, num_inference_steps=2)
+    calls = [
+        dict(prompt="a cat", seed=1, **size),
+        dict(prompt="a dog", prompt_3="a red dog", max_sequence_length=32, seed=2, **size),
+        dict(prompt="a cow", seed=3, guidance_scale=1.0, **size),
+        dict(prompt="a cow", max_sequence_length=513, **size),
+    ]
+    results = pipe.run_batch(calls)
+    assert isinstance(results[3], InputError) and "max_sequence_length" in str(results[3])
+    assert results[0].timings["batch_size"] == results[2].timings["batch_size"] == 2
+    for call, result in zip(calls[:3], results):
+        np.testing.assert_array_equal(result.images, pipe(**call).images)
+
+
+def test_skip_layer_guidance_equals_diffusers(sd3):
+    """SD 3.5 Medium's skip-layer guidance on the tiny model (2 blocks): the last block skipped at every step but the
+    first (start 0, stop 1 at 3 steps), and the first block with diffusers' defaults at 10 steps (step 1 only)."""
+    plain = _pair(sd3)
+    slg = _pair(sd3, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+                skip_layer_guidance_scale=4.0)  # fmt: skip
+    assert np.abs(slg.astype(int) - plain).mean() > 1
+    ref, pipe, _ = sd3
+    latents = _latents()
+    call = dict(height=64, width=64, num_inference_steps=10, skip_guidance_layers=[0])
+    want = as_uint8(ref(PROMPT, latents=torch.from_numpy(latents), output_type="np", **call).images)
+    assert_close(pipe(PROMPT, latents=latents, **call).images, want)
+
+
+def test_skip_layer_guidance_is_checked(sd3):
+    _, pipe, _ = sd3
+    size = dict(height=64, width=64, num_inference_steps=2)
+    with pytest.raises(InputError, match=r"skip_guidance_layers: expected a non-empty list of distinct block indices "
+                                         r"in \[0, 1\] \(SD 3.5 Medium is run with \[7, 8, 9\]\), got \[2\]"):  # fmt: skip
+        pipe(PROMPT, skip_guidance_layers=[2], **size)
+    with pytest.raises(InputError, match="skip_layer_guidance_scale: applies with skip_guidance_layers"):
+        pipe(PROMPT, skip_layer_guidance_scale=3.0, **size)
+    image = np.full((64, 64, 3), 0.5, np.float32)
+    with pytest.raises(InputError, match="skip_guidance_layers: applies to text-to-image"):
+        pipe(PROMPT, image=image, skip_guidance_layers=[0], **size)
+    result = pipe(PROMPT, skip_guidance_layers=[0], guidance_scale=1.0, seed=1, **size)
+    assert result.warnings == ["skip_guidance_layers: no effect without guidance (guidance_scale > 1), as in diffusers"]

@@ -241,7 +241,9 @@ WITH_CONTROLNETS = {c.id for c in CALL_CASES if c.controlnets}
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in CALL_CASES if c.id not in NOT_JSON | BY_PATH | WITH_CONTROLNETS], ids=lambda c: c.id
+    "case",
+    [c for c in CALL_CASES if c.id not in NOT_JSON | BY_PATH | WITH_CONTROLNETS and c.model == "tiny"],
+    ids=lambda c: c.id,
 )
 def test_bad_call_gets_the_runtimes_message(server, runtime_pipeline, tmp_path, case):
     client, _, _ = server
@@ -414,7 +416,10 @@ def test_failures_are_500_and_the_service_goes_on(runtime_pipeline, swap, nan):
         if nan:
             assert error["type"] == "NumericalError" and error["message"].startswith("unet at step 1 of 2")
         else:
-            assert error == {"type": "internal_error", "message": "generation failed: RuntimeError: device lost"}
+            # the library's own text stays in the log, under the request id the answer names
+            assert error["type"] == "internal_error" and "device lost" not in error["message"]
+            assert re.fullmatch(r"internal error: generation failed unexpectedly \(request id [0-9a-f]{12}; .*\)",
+                                error["message"]), error  # fmt: skip
         runtime_pipeline.sessions["unet"] = runtime_pipeline.sessions["unet"].inner
         assert post(client, dict(prompt="a", seed=1, **SMALL)).status_code == 200
         assert metric(client, "sdrt_requests_total", outcome="error") == 1
