@@ -169,6 +169,7 @@ def test_lora_adapts_the_unet_that_takes_the_residuals(setup, pipe, control_imag
     _close(pipe(**CALL, latents=LATENTS, loras=[(str(path), 0.9)]).images, want, base)
 
 
+@pytest.mark.slow  # ~2 min, most of it exporting tiny SDXL with unet_control and its ControlNet: make test-slow
 def test_sdxl_controlnet_matches_diffusers(controlnet_artifacts, family_models, control_images):
     """SDXL's ControlNet takes the pooled text and time ids too; guess mode gives it only the prompt's rows."""
     from diffusers import ControlNetModel
