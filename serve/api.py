@@ -136,8 +136,10 @@ async def respond(result, call: schema.Call, queue_wait: float) -> Response:
     """The response to a finished call: its error raised for the handlers, else JSON or PNG."""
     if isinstance(result, SdrtError):
         raise result
-    if isinstance(result, Exception):  # not the call's fault, nor one sdrt names (the batcher logged it)
-        raise InternalError(getattr(result, "request_id", None) or "unknown")
+    if isinstance(result, Exception):  # not an SdrtError: wrapped here, logged with its id
+        error = InternalError(uuid.uuid4().hex[:12])
+        log.error("request %s: generation failed unexpectedly", error.request_id, exc_info=result)
+        raise error
     if call.response_format == "png":
         png = await asyncio.to_thread(schema.encode_png, result.images[0])
         return Response(png, media_type="image/png", headers=schema.png_headers(result, queue_wait))

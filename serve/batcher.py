@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from sdrt.runtime.errors import InternalError
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +114,10 @@ class Batcher:
             self.on_batch(batch)
         try:
             results = await self.in_worker(self.run_batch, [job.call for job in batch])
-        except Exception as e:  # a failure outside any one call (a backend's own exception): the batch shares it
-            log.exception("run_batch failed for a batch of %d calls", len(batch))
-            results = [e] * len(batch)
+        except Exception:  # outside any one call (run_batch keeps each call's own): the batch shares it, by id
+            error = InternalError(uuid.uuid4().hex[:12], "the batch")
+            log.exception("request %s: run_batch failed for a batch of %d calls", error.request_id, len(batch))
+            results = [error] * len(batch)
         self.last_batch_s = time.perf_counter() - start
         for job, result in zip(batch, results):
             if not job.future.done():

@@ -251,3 +251,28 @@ def test_hostile_and_valid_requests_in_one_batch_each_get_their_own_answer(runti
         assert response.json()["timings"]["batch_size"] == 2  # the two valid ones shared the batch's UNet calls
     assert "lone surrogate" in responses[1].json()["error"]["message"]
     assert "guidance_scale" in responses[3].json()["error"]["message"]
+
+
+def test_a_batch_that_fails_as_a_whole_answers_each_request_with_one_logged_id(caplog):
+    """run_batch keeps each call's failure in its slot; should it fail itself, every job of the batch gets an
+    InternalError naming one id, under which the traceback was logged (never the library's text)."""
+    import asyncio
+
+    from sdrt.serve.batcher import Batcher
+
+    def broken(calls):
+        raise TypeError("a library's own message")
+
+    async def scenario():
+        batcher = Batcher(broken, max_images=4, wait_s=0.05, queue_size=8)
+        loop = asyncio.create_task(batcher.run())
+        jobs = [batcher.submit({"prompt": p}, 1) for p in ("a", "b")]
+        results = await asyncio.gather(*(job.future for job in jobs))
+        loop.cancel()
+        batcher.close()
+        return results
+
+    with caplog.at_level(logging.ERROR):
+        first, second = asyncio.run(scenario())
+    assert isinstance(first, InternalError) and first is second and "library" not in str(first)
+    assert any(first.request_id in r.getMessage() and r.exc_info for r in caplog.records)
