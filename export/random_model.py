@@ -187,6 +187,18 @@ SD15_UNET = dict(
 )
 
 
+SD_VAE = dict(  # SD 1.x/2.x's published AutoencoderKL (SD 3's differs in latent channels, scale and shift)
+    block_out_channels=(128, 256, 512, 512),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=512,
+)
+
+
 # Stable Diffusion 3's layout at toy size: an MMDiT (SD3Transformer2DModel, patch 2, 16 latent channels, joint
 # attention over text and image tokens), two CLIP encoders with projections (hidden 32 + 32 = 64, padded to T5's
 # 80 as the pipeline pads CLIP's 2048 to T5's 4096; pooled 32 + 32 = 64), a T5 v1.1 encoder (gated GELU, relative
@@ -245,19 +257,9 @@ SD35_MEDIUM_TRANSFORMER = dict(
     qk_norm="rms_norm",
 )
 SD3_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=16,
-    layers_per_block=2,
-    sample_size=1024,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    use_quant_conv=False,
+    SD_VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
     use_post_quant_conv=False,
-)
+)  # fmt: skip
 CLIP_L_SHALLOW = dict(  # openai/clip-vit-large-patch14's text tower with a projection, two layers deep
     bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
     num_hidden_layers=2, max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
@@ -292,19 +294,7 @@ PRESETS: dict[str, Preset] = {
         "StableDiffusionPipeline",
         {
             "unet": Part("UNet2DConditionModel", SD15_UNET),
-            "vae": Part(
-                "AutoencoderKL",
-                dict(
-                    block_out_channels=(128, 256, 512, 512),
-                    in_channels=3,
-                    out_channels=3,
-                    down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4,
-                    latent_channels=4,
-                    layers_per_block=2,
-                    sample_size=512,
-                ),
-            ),
+            "vae": Part("AutoencoderKL", SD_VAE),
             "text_encoder": Part(
                 "CLIPTextModel",
                 dict(  # openai/clip-vit-large-patch14's text tower, as SD 1.5 ships it
