@@ -27,8 +27,12 @@ worker thread.
   GET  /metrics                 Prometheus text
   GET  /docs                    the request's fields
 
-Status codes: 400 bad input (the runtime's message), 413 body over --max-body-mb, 422 unreadable body,
-500 NaN or a backend failure, 503 queue full or draining (with Retry-After), 504 past --timeout-s.
+Status codes: 400 bad input (the runtime's message) or a Host not in --allowed-hosts, 401 no --api-key,
+404/405 no such route or method, 413 body over --max-body-mb, 422 unreadable body, 429 over --rate-limit,
+500 NaN, a backend failure or an unexpected one (logged under the request id it names), 503 queue full or
+draining (with Retry-After), 504 past --timeout-s. Every error is {"error": {"type", "message"}}.
+Bound to loopback, only localhost names are served (no DNS rebinding); bound elsewhere, set --api-key
+(or SDRT_API_KEY) and --allowed-hosts.
 SIGTERM drains: /readyz and new requests get 503 (for --drain-s seconds), queued and running requests
 finish, then it exits. A second SIGTERM or Ctrl+C skips the --drain-s wait."""
 
