@@ -1,5 +1,7 @@
 """One exception hierarchy for sdrt. Messages say what was expected, what was given, and how to fix it."""
 
+import uuid
+
 MAX_MESSAGE = 2000  # characters: a message echoing a huge refused value stays readable, and a response small
 
 
@@ -39,7 +41,8 @@ class InternalError(SdrtError):
     batch answers in that call's slot instead of the library's raw exception, with an id to find the traceback
     that was logged under it."""
 
-    def __init__(self, request_id: str, what: str = "generation"):
+    def __init__(self, what: str = "generation", request_id: str | None = None):
+        request_id = request_id or uuid.uuid4().hex[:12]  # a new id unless one is given
         super().__init__(
             f"internal error: {what} failed unexpectedly (request id {request_id}; the server's log has the details "
             "under that id)"

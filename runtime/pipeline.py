@@ -17,7 +17,6 @@ import inspect
 import logging
 import numbers
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 def _internal_error(what: str) -> InternalError:
     """The error for the exception being handled: logged with its traceback under a new request id."""
-    error = InternalError(uuid.uuid4().hex[:12], what)
+    error = InternalError(what)
     log.exception("request %s: %s failed unexpectedly", error.request_id, what)
     return error
 

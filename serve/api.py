@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,9 +92,10 @@ def install_error_handlers(app: FastAPI, count: Count | None = None) -> None:
     async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
         """Anything else: logged with an id, answered 500 without the library's text."""
         counted("error")
-        request_id = uuid.uuid4().hex[:12]
-        log.error("request %s: %s %s failed unexpectedly", request_id, request.method, request.url.path, exc_info=e)
-        return error_response(500, "internal_error", str(InternalError(request_id, "the request")))
+        error = InternalError("the request")
+        log.error("request %s: %s %s failed unexpectedly", error.request_id, request.method, request.url.path,
+                  exc_info=e)  # fmt: skip
+        return error_response(500, "internal_error", str(error))
 
 
 ROUTES = ("POST /v1/images/generations", "GET /healthz", "GET /readyz", "GET /metrics")
@@ -137,7 +137,7 @@ async def respond(result, call: schema.Call, queue_wait: float) -> Response:
     if isinstance(result, SdrtError):
         raise result
     if isinstance(result, Exception):  # not an SdrtError: wrapped here, logged with its id
-        error = InternalError(uuid.uuid4().hex[:12])
+        error = InternalError()
         log.error("request %s: generation failed unexpectedly", error.request_id, exc_info=result)
         raise error
     if call.response_format == "png":

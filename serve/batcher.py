@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -115,7 +114,7 @@ class Batcher:
         try:
             results = await self.in_worker(self.run_batch, [job.call for job in batch])
         except Exception:  # outside any one call (run_batch keeps each call's own): the batch shares it, by id
-            error = InternalError(uuid.uuid4().hex[:12], "the batch")
+            error = InternalError("the batch")
             log.exception("request %s: run_batch failed for a batch of %d calls", error.request_id, len(batch))
             results = [error] * len(batch)
         self.last_batch_s = time.perf_counter() - start
