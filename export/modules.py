@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sdrt.export import memory
+from sdrt.export import lora_map, memory
 from sdrt.runtime import families
 from sdrt.runtime.errors import ExportError
 from sdrt.runtime.families import Family, ModelDims
@@ -607,7 +607,8 @@ def load_pipeline(
     check_weights(source / family.denoiser, "diffusion_pytorch_model", family.denoiser, allow_pickle)
     check_weights(vae_folder, "diffusion_pytorch_model", "vae", allow_pickle)
     if memory_check:
-        kept = ("unet", "text_encoder", "text_encoder_2")  # their LoRA maps need them after their export (build)
+        # released after its export as build._releaser does: unless its LoRA map needs it afterwards
+        kept = lora_map.ADAPTABLE
         sizes = [
             memory.PartSize(r.component, memory.part_parameters(source / r.component, "model"), r.component not in kept)
             for r in loaded
