@@ -632,8 +632,7 @@ class Pipeline:
         job.warnings = self._truncation_warnings(request)
         job.slg = self._skip_layer_guidance(a, request, job.warnings)
         if request.task == "inpainting":
-            mask = a["mask_image"][0] if isinstance(a["mask_image"], (list, tuple)) else a["mask_image"]
-            own = mask.shape[:2] if isinstance(mask, np.ndarray) and mask.ndim == 2 else _own_size(mask, 1)
+            own = _own_size(a["mask_image"], 1)
             if own is not None and tuple(own) != (request.height, request.width):
                 job.warnings.append(
                     f"mask_image: resized from {own[1]}x{own[0]} to the output's {request.width}x{request.height} "
@@ -908,6 +907,13 @@ class Pipeline:
             request, prompt_sets=tuple(prompt_sets), negative_sets=tuple(negative_sets), t5_length=int(length or 0)
         )
 
+    @property
+    def skip_mask_blocks(self) -> int:
+        """The blocks of the denoiser's skip_layers mask (SD 3's transformer graph), 0 for a graph without one (a
+        UNet, or a transformer exported before sdrt had the mask)."""
+        inputs = [t.name for t in self.manifest.components[self.family.denoiser].inputs]
+        return self.dims.transformer_layers if "skip_layers" in inputs else 0
+
     def _skip_layer_guidance(self, a: dict, request: Request, warnings: list[str]) -> SkipLayerGuidance | None:
         """SD 3's skip-layer guidance arguments, checked; None when not asked for (or without guidance, where
         diffusers ignores them: a warning says so)."""
@@ -916,12 +922,11 @@ class Pipeline:
         given = [n for n in names if a[n] is not None]
         if not given:
             return None
-        blocks = self.dims.transformer_layers
         if self.family.denoiser != "transformer":
             raise InputError(f"{given[0]}: applies to SD 3 models (a transformer's blocks), not {self.family.name}; "
                              f"got {validation.describe(a[given[0]])}")  # fmt: skip
-        component = self.manifest.components["transformer"]
-        if not blocks or "skip_layers" not in [t.name for t in component.inputs]:
+        blocks = self.skip_mask_blocks
+        if not blocks:
             raise InputError(f"{given[0]}: this transformer graph takes no skip_layers mask (exported by an "
                              "earlier sdrt): re-export the model with `sdrt export`")  # fmt: skip
         layers = a["skip_guidance_layers"]
@@ -1269,8 +1274,8 @@ class Pipeline:
         denoiser = self.family.denoiser
         unet = (jobs[0].sessions or self.sessions)["unet_control" if controlled else denoiser]
         x_name = "hidden_states" if denoiser == "transformer" else "sample"  # the latents' input, as diffusers names it
-        takes_mask = "skip_layers" in [t.name for t in self.manifest.components[denoiser].inputs]
-        blocks = self.dims.transformer_layers if denoiser == "transformer" and takes_mask else 0
+        blocks = self.skip_mask_blocks
+        no_skip = {"skip_layers": np.zeros(blocks, np.float32)} if blocks else {}  # every block runs
         times, active = StepTimes(), list(jobs)
         steps = jobs[0].steps
         with ExitStack() as stack:
@@ -1290,9 +1295,7 @@ class Pipeline:
                 if controlled:
                     feed = {**feed, **self._control_residuals(active, parts, i)}
                     times.mark("controlnet")
-                if blocks:
-                    feed = {**feed, "skip_layers": np.zeros(blocks, np.float32)}  # no block skipped
-                pred = unet.run({x_name: x, "timestep": t, **feed})["out_sample"]
+                pred = unet.run({x_name: x, "timestep": t, **feed, **no_skip})["out_sample"]
                 times.mark("unet")
                 rows = np.cumsum([0] + [len(p) for p in parts])
                 preds = [pred[lo:hi] for lo, hi in zip(rows[:-1], rows[1:])]
@@ -1430,6 +1433,8 @@ def _own_size(image, vae_scale_factor: int) -> tuple[int, int] | None:
     if isinstance(first, np.ndarray):
         if first.ndim == 4 and first.shape[1] not in (1, 3) and first.shape[-1] not in (1, 3):  # latents
             return first.shape[2] * vae_scale_factor, first.shape[3] * vae_scale_factor
+        if first.ndim == 2:  # one channel (a mask)
+            return first.shape[0], first.shape[1]
         return (first.shape[-3], first.shape[-2]) if first.ndim in (3, 4) else None
     if isinstance(first, (str, Path)):
         from PIL import Image
