@@ -66,16 +66,13 @@ def describe(value) -> str:
     return _SHORT.repr(value)
 
 
-_describe = describe
-
-
 def integer(name: str, value, *, low: int | None = None, high: int | None = None, hint: str = "") -> int:
     """An integer (not a bool, not a float, however whole) in [low, high]."""
     ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if ok and (low is None or value >= low) and (high is None or value <= high):
         return int(value)
     bounds = f" in [{low}, {high}]" if low is not None and high is not None else f" >= {low}" if low is not None else ""
-    raise InputError(f"{name}: expected an integer{bounds}, got {_describe(value)}{hint}")
+    raise InputError(f"{name}: expected an integer{bounds}, got {describe(value)}{hint}")
 
 
 def number(
@@ -101,13 +98,13 @@ def number(
     bounds = f" in {lo}, {hi}" if lo and hi else f" {'>' if low_open else '>='} {low:g}" if lo else ""
     if hi and not lo:
         bounds = f" {'<' if high_open else '<='} {high:g}"
-    raise InputError(f"{name}: expected a finite number{bounds}, got {_describe(value)}{hint}")
+    raise InputError(f"{name}: expected a finite number{bounds}, got {describe(value)}{hint}")
 
 
 def choice(name: str, value, options) -> str:
     if isinstance(value, str) and value in options:
         return value
-    raise InputError(f"{name}: expected one of {', '.join(map(str, options))}, got {_describe(value)}")
+    raise InputError(f"{name}: expected one of {', '.join(map(str, options))}, got {describe(value)}")
 
 
 def finite_array(name: str, value, *, dtype=np.float32, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -116,7 +113,7 @@ def finite_array(name: str, value, *, dtype=np.float32, shape: tuple[int, ...] |
         raise InputError(f"{name}: expected a NumPy array, got {type(value).__name__}")
     if value.dtype != dtype or (shape is not None and value.shape != tuple(shape)):
         want = f"{np.dtype(dtype)} array" + ("" if shape is None else f" of shape {tuple(shape)}")
-        raise InputError(f"{name}: expected a {want}, got {_describe(value)}")
+        raise InputError(f"{name}: expected a {want}, got {describe(value)}")
     if not np.isfinite(value).all():
         bad = int(value.size - np.count_nonzero(np.isfinite(value)))
         raise InputError(f"{name}: expected finite values, got {bad} NaN or infinite of {value.size}")
@@ -138,7 +135,7 @@ def prompts(name: str, value, *, count: int | None = None) -> list[str]:
     items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     if items is None or not items or not all(isinstance(p, str) for p in items):
         want = "a string or a non-empty list of strings" if count is None else f"a string or {count} strings"
-        raise InputError(f"{name}: expected {want}, got {_describe(value)}")
+        raise InputError(f"{name}: expected {want}, got {describe(value)}")
     for i, text in enumerate(items):
         where = f"{name}[{i}]" if len(items) > 1 else name
         if len(text) > PROMPT_CHARS:
@@ -172,7 +169,7 @@ def pair(name: str, value, *, low: int) -> tuple[int, int]:
         return integer(name, a, low=low), integer(name, b, low=low)
     except InputError:
         kind = "(height, width) >= 1" if low else "(top, left) >= 0"
-        raise InputError(f"{name}: expected a pair of integers {kind}, got {_describe(value)}") from None
+        raise InputError(f"{name}: expected a pair of integers {kind}, got {describe(value)}") from None
 
 
 # -- the budget -----------------------------------------------------------------------------------
