@@ -154,11 +154,7 @@ def quantize_artifacts(
 
     started = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
-    manifest = _check_source(source, out_dir, options)
-    denoiser = manifest.model_family.denoiser
-    options = replace(
-        options, components=tuple(dict.fromkeys(denoiser if c == DENOISER else c for c in options.components))
-    )
+    manifest, options = _check_source(source, out_dir, options)
     fingerprint = input_fingerprint(source, options)
     if not force:
         existing = up_to_date(out_dir, fingerprint)
@@ -243,7 +239,8 @@ def quantize_artifacts(
     return QuantizeReport(int8, built=True)
 
 
-def _check_source(source: Path, out_dir: Path, options: QuantizeOptions) -> Manifest:
+def _check_source(source: Path, out_dir: Path, options: QuantizeOptions) -> tuple[Manifest, QuantizeOptions]:
+    """The source's manifest, checked, and the options with "denoiser" resolved to the family's."""
     if not (source / MANIFEST_NAME).is_file():
         raise ExportError(
             f"source artifacts: expected an sdrt artifact directory with {MANIFEST_NAME} in {source}, found none "
@@ -254,8 +251,11 @@ def _check_source(source: Path, out_dir: Path, options: QuantizeOptions) -> Mani
             f"--out: expected a directory other than the source, got {out_dir} for both (e.g. {source.name}-int8)"
         )
     manifest = Manifest.load(source, verify_hashes=True)
+    denoiser = manifest.model_family.denoiser
+    options = replace(
+        options, components=tuple(dict.fromkeys(denoiser if c == DENOISER else c for c in options.components))
+    )
     for name in options.components:
-        name = manifest.model_family.denoiser if name == DENOISER else name
         if name not in manifest.components:
             raise ExportError(
                 f"{name}: expected it among the source's components {sorted(manifest.components)}, got none"
@@ -270,7 +270,7 @@ def _check_source(source: Path, out_dir: Path, options: QuantizeOptions) -> Mani
     for what, value in (("height", options.calibration_height), ("width", options.calibration_width)):
         if value % m:
             raise ExportError(f"calibration {what}: expected a multiple of {m} pixels for this model, got {value}")
-    return manifest
+    return manifest, options
 
 
 # -- calibration and reference runs ------------------------------------------------------------------
